@@ -1,0 +1,1 @@
+"""Subcommands of the ``efficientgpt`` tool: each module exposes ``register(subparsers)``."""

@@ -1,0 +1,59 @@
+"""``efficientgpt eval``: perplexity of a model on any data spec."""
+
+from __future__ import annotations
+
+import argparse
+
+from efficientgpt.cli_common import Output, add_data_arg, add_device_arg, add_json_arg, add_model_arg
+
+EPILOG = """\
+examples:
+  efficientgpt eval --model embedded:tiny --data embedded:prose --json
+  efficientgpt eval --model embedded --data embedded:code --split test
+  efficientgpt eval --model gpt2 --data hf:wikitext/wikitext-2-raw-v1 --split test --seq-len 1024
+  efficientgpt eval --model ./my-model --data notes.txt
+
+Perplexity follows the SparseGPT/Wanda protocol: the split is joined, tokenized, cut into
+non-overlapping windows of --seq-len tokens (default: the model's context), and exp(mean NLL) over
+all predicted tokens is reported.
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a model on a data split",
+                       description="Evaluate a causal LM's perplexity on a data split.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arg(p)
+    add_data_arg(p)
+    p.add_argument("--split", default="validation", choices=("train", "validation", "test"),
+                   help="which split (default: validation)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's context)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the split")
+    add_device_arg(p)
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from efficientgpt.data import sources, tokens
+    from efficientgpt.errors import UserError
+    from efficientgpt.eval.perplexity import default_seq_len, perplexity
+    from efficientgpt.models.loading import load_model
+    from efficientgpt.train.distributed import pick_device
+
+    out = Output(args)
+    for name in ("seq_len", "batch_size", "max_tokens"):
+        v = getattr(args, name)
+        if v is not None and v < (2 if name == "seq_len" else 1):
+            raise UserError(f"--{name.replace('_', '-')} {v} is out of range: must be >= {2 if name == 'seq_len' else 1}")
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code, device=pick_device(args.device))
+    data = sources.load_text(args.data, args.split)
+    ids = tokens.encode(loaded.tokenizer, data)
+    seq_len = args.seq_len or default_seq_len(loaded.model)
+    res = perplexity(loaded.model, ids, seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                     progress=not out.json)
+    result = {**res.to_dict(), "model": loaded.describe(), "data": data.describe()}
+    out.result(result, human=(f"{args.model} on {args.data} ({args.split}): perplexity {res.perplexity:.3f} "
+                              f"(loss {res.loss:.4f}, {res.tokens:,} tokens, {res.windows} windows of {seq_len})"))
+    return 0

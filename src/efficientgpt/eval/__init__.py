@@ -1,0 +1,1 @@
+"""Evaluation: perplexity with the standard protocol (:mod:`efficientgpt.eval.perplexity`)."""

@@ -1,0 +1,351 @@
+"""The one training loop: pretraining, fine-tuning and distillation all run through :class:`Trainer`.
+
+AdamW with decoupled weight decay (Loshchilov & Hutter, ICLR 2019; no decay on biases and norms),
+linear warmup then cosine decay to ``min_lr_ratio * lr``, gradient accumulation, global-norm clipping,
+optional bf16 autocast and gradient checkpointing, periodic evaluation, a JSONL metrics log, a
+progress bar, and checkpoint/resume that reproduces an uninterrupted run exactly (see
+:mod:`efficientgpt.train.checkpoint`). Under ``torchrun`` the same loop runs DDP with rank-0-only
+logging and saving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from efficientgpt.cache import atomic_write_text
+from efficientgpt.config import ConfigBase, field
+from efficientgpt.errors import UserError
+from efficientgpt.train import checkpoint as ckpt
+from efficientgpt.train import distributed
+from efficientgpt.train.losses import causal_lm_loss, count_targets
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+
+#: TrainConfig fields that may change between a run and its resumption.
+RESUME_FREE_FIELDS = frozenset({"log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
+                                "progress"})
+
+
+@dataclasses.dataclass
+class TrainConfig(ConfigBase):
+    """Hyperparameters of the shared training loop."""
+
+    steps: int = field(100, "optimizer steps to run", minimum=1)
+    batch_size: int = field(16, "sequences per optimizer step, summed over processes", minimum=1)
+    grad_accum: int = field(1, "micro-batches per optimizer step (per process)", minimum=1)
+    seq_len: int = field(128, "tokens per training sequence", minimum=2)
+    lr: float = field(1e-3, "peak learning rate", minimum=0.0, exclusive_minimum=True)
+    weight_decay: float = field(0.0, "decoupled AdamW weight decay (not on biases and norms)", minimum=0.0)
+    beta1: float = field(0.9, "AdamW beta1", minimum=0.0, maximum=1.0)
+    beta2: float = field(0.95, "AdamW beta2", minimum=0.0, maximum=1.0)
+    warmup_steps: int = field(0, "linear warmup steps", minimum=0)
+    min_lr_ratio: float = field(0.1, "cosine decay floor as a fraction of lr", minimum=0.0, maximum=1.0)
+    max_grad_norm: float = field(1.0, "clip the global gradient norm to this (0 disables)", minimum=0.0)
+    bf16: bool = field(False, "bf16 autocast for forward and backward")
+    gradient_checkpointing: bool = field(False, "recompute activations in backward to save memory")
+    eval_every: int = field(0, "evaluate every N steps (0: only at the end)", minimum=0)
+    eval_batches: int = field(8, "batches of evaluation windows per evaluation (0: all)", minimum=0)
+    log_every: int = field(10, "write a metrics line every N steps", minimum=1)
+    save_every: int = field(0, "checkpoint every N steps (0: only at the end)", minimum=0)
+    keep_checkpoints: int = field(2, "newest checkpoints kept on disk", minimum=1)
+    save_trainable_only: bool = field(True, "checkpoints hold only the trainable parameters")
+    seed: int = field(0, "seed for data order and initialisation")
+    progress: bool = field(True, "show a progress bar")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.batch_size % self.grad_accum:
+            raise UserError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if self.warmup_steps >= self.steps and self.warmup_steps > 0:
+            raise UserError(f"warmup_steps {self.warmup_steps} must be smaller than steps {self.steps}")
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of ``lr`` at optimizer step ``s``: linear warmup, then cosine to ``min_lr_ratio``."""
+
+    def f(s: int) -> float:
+        if s < cfg.warmup_steps:
+            return (s + 1) / cfg.warmup_steps
+        progress = (s - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict], dict[int, str]]:
+    """Trainable parameters split into decayed (matrices) and undecayed (biases, norms, vectors)."""
+    decay, no_decay, names = [], [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append((name, p))
+    groups, index = [], {}
+    for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
+        if params:
+            groups.append({"params": [p for _, p in params], "weight_decay": wd})
+            names.extend(n for n, _ in params)
+    index = dict(enumerate(names))
+    return groups, index
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, Any]:
+    cfg = model.config.to_dict() if hasattr(model, "config") else {}
+    volatile = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures", "use_cache"}
+    trainable = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        "config": {k: v for k, v in cfg.items() if k not in volatile and not k.startswith("_")},
+        "trainable": trainable,
+    }
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    """Training loss (mean per token) of the last step."""
+    eval_loss: float | None
+    tokens: int
+    """Tokens trained on in this process group over the whole run (resumed steps included)."""
+    step_time_s: float
+    """Mean wall time per optimizer step in this invocation."""
+    tokens_per_s: float
+    resumed_from: int | None
+    curve: list[dict[str, float]]
+    checkpoint: str | None
+
+    @property
+    def eval_ppl(self) -> float | None:
+        return math.exp(self.eval_loss) if self.eval_loss is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eval_ppl"] = self.eval_ppl
+        return d
+
+
+class Trainer:
+    """Train ``model`` (its parameters with ``requires_grad``) on batches from ``train_batches``.
+
+    ``train_batches(step)`` returns this process's shard of the global batch of optimizer step
+    ``step``; it must be a pure function of ``step`` (as :class:`~efficientgpt.data.tokens.WindowSampler`
+    is) so that resuming reproduces the data order. ``eval_fn(model)`` returns a mean loss.
+    ``fingerprint`` describes the data and anything else a resumed run must share; the trainer adds
+    the model's config, its trainable parameters and the training config.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        train_batches: Callable[[int], Batch],
+        out_dir: str | Path | None = None,
+        eval_fn: Callable[[nn.Module], float] | None = None,
+        loss_fn: LossFn = causal_lm_loss,
+        fingerprint: dict[str, Any] | None = None,
+        dist: distributed.DistInfo | None = None,
+    ):
+        config.validate()
+        self.cfg = config
+        self.dist = dist or distributed.current()
+        self.device = self.dist.device if self.dist.enabled else next(model.parameters()).device
+        self.model = model
+        self.train_batches = train_batches
+        self.eval_fn = eval_fn
+        self.loss_fn = loss_fn
+        self.out_dir = Path(out_dir) if out_dir else None
+        if not any(p.requires_grad for p in model.parameters()):
+            raise UserError("the model has no trainable parameters")
+        if config.gradient_checkpointing:
+            # Non-reentrant checkpointing works with frozen inputs (PEFT) without extra hooks.
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            elif hasattr(model, "gradient_checkpointing_enable"):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                raise UserError("gradient checkpointing needs a transformers model")
+        groups, self.param_names = param_groups(model, config.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8,
+            foreach=self.device.type != "cpu" or None,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        self.fingerprint = json.loads(json.dumps({
+            "model": model_fingerprint(model),
+            "train": {k: v for k, v in config.to_dict().items() if k not in RESUME_FREE_FIELDS},
+            **(fingerprint or {}),
+        }, default=str))
+        self.ddp = None
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> Path | None:
+        return self.out_dir / "checkpoints" if self.out_dir else None
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        if self.cfg.save_trainable_only:
+            return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        # Tied weights (embedding = LM head) appear twice in state_dict; safetensors stores each once.
+        state, seen = {}, set()
+        for n, t in self.model.state_dict().items():
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                state[n] = t
+        return state
+
+    def save_checkpoint(self, step: int) -> Path | None:
+        path = None
+        if self.dist.is_main and self.checkpoint_root is not None:
+            path = ckpt.save(
+                self.checkpoint_root, step, self._model_state(), self.optimizer, self.param_names,
+                {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
+                self.fingerprint, keep=self.cfg.keep_checkpoints,
+            )
+        distributed.barrier()
+        return path
+
+    def _resume(self, resume: bool | str | Path) -> int:
+        if resume is False or resume is None:
+            return 0
+        if resume is True:
+            if self.checkpoint_root is None:
+                raise UserError("resuming needs an output directory holding checkpoints")
+            path = ckpt.latest(self.checkpoint_root)
+            if path is None:
+                return 0
+        else:
+            path = Path(resume)
+            if not path.is_dir():
+                raise UserError(f"checkpoint {str(path)!r} is not a directory")
+        state = ckpt.load(path)
+        diffs = ckpt.diff_meta(state["meta"], self.fingerprint)
+        if diffs:
+            raise UserError(f"refusing to resume from {path}: the run differs from the checkpoint in\n  "
+                            + "\n  ".join(diffs))
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        if unexpected:
+            raise UserError(f"checkpoint {path} holds parameters this model lacks: {unexpected[:5]}")
+        ckpt.load_optimizer(self.optimizer, state["optimizer"], state["optimizer_groups"], self.param_names)
+        sched = self.scheduler.state_dict()
+        sched.update(state["scheduler"])
+        self.scheduler.load_state_dict(sched)
+        ckpt.restore_rng(state)
+        return int(state["step"])
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _autocast(self):
+        if not self.cfg.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main and self.out_dir is not None:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop metric lines past ``step`` (written by a run that died before its next checkpoint)."""
+        path = self.out_dir / "metrics.jsonl" if self.out_dir else None
+        if not (self.dist.is_main and path and path.exists()):
+            return
+        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+    def train(self, resume: bool | str | Path = False) -> TrainResult:
+        cfg = self.cfg
+        if self.out_dir is not None and self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        start = self._resume(resume)
+        if start == 0 and not resume:
+            torch.manual_seed(cfg.seed)
+        self._truncate_log(start)
+        net = self.ddp or self.model
+        self.model.train()
+        micro = cfg.batch_size // self.dist.world // cfg.grad_accum
+        curve: list[dict[str, float]] = []
+        loss_value = float("nan")
+        tokens = 0
+        times = []
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (cfg.progress and self.dist.is_main), leave=False, mininterval=0.5)
+        eval_loss = None
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            batch = {k: v.to(self.device) for k, v in self.train_batches(step).items()}
+            # Normalise by the tokens of the whole global batch (all micro-batches, all processes).
+            n_tokens = distributed.all_reduce_sum(count_targets(batch).to(self.device).float())
+            if n_tokens.item() == 0:
+                raise UserError(f"step {step}: the batch has no target tokens")
+            total = torch.zeros((), device=self.device)
+            for i in range(cfg.grad_accum):
+                mb = {k: v[i * micro : (i + 1) * micro] for k, v in batch.items()}
+                sync = self.ddp is None or i == cfg.grad_accum - 1
+                with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self._autocast():
+                    loss_sum, _ = self.loss_fn(net, mb)
+                # DDP averages gradients over processes; scale so the result is the global mean.
+                (loss_sum * (self.dist.world / n_tokens)).backward()
+                total += loss_sum.detach()
+            loss_value = (distributed.all_reduce_sum(total) / n_tokens).item()
+            if cfg.max_grad_norm > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm
+                ).item()
+            else:
+                grad_norm = float("nan")
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+            tokens += int(n_tokens.item())
+            done = step + 1
+            record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm}
+            if self.eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                record["eval_loss"] = self.evaluate()
+            if done % cfg.log_every == 0 or done == cfg.steps or "eval_loss" in record:
+                curve.append(record)
+                self._log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+                self.save_checkpoint(done)
+        bar.close()
+        if self.eval_fn is not None:
+            eval_loss = self.evaluate()
+            self._log({"step": cfg.steps, "eval_loss": eval_loss})
+        final = self.save_checkpoint(cfg.steps) if self.out_dir is not None else None
+        self.model.eval()
+        step_time = sum(times) / len(times) if times else float("nan")
+        return TrainResult(
+            steps=cfg.steps, final_loss=loss_value, eval_loss=eval_loss,
+            tokens=cfg.steps * cfg.batch_size * (cfg.seq_len - 1),
+            step_time_s=step_time,
+            tokens_per_s=(tokens / sum(times)) if times else float("nan"),
+            resumed_from=start or None, curve=curve, checkpoint=str(final) if final else None,
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._autocast():
+                return float(self.eval_fn(self.model))
+        finally:
+            self.model.train(was_training)
