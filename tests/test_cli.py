@@ -14,7 +14,7 @@ from conftest import run_cli
 
 def test_help_lists_the_commands():
     out = run_cli("--help").stdout
-    for cmd in ("run", "pretrain", "eval", "methods"):
+    for cmd in ("run", "pretrain", "eval", "methods", "survey"):
         assert cmd in out
     for cmd in ("pretrain", "eval", "methods", "run"):
         assert "examples:" in run_cli(cmd, "--help").stdout
