@@ -18,7 +18,9 @@ from efficientgpt.errors import UserError, closest
 FAMILIES = ("peft", "prune", "lowrank", "quant", "distill", "attention", "training")
 
 #: Modules that register methods, imported on first use of the registry.
-METHOD_MODULES: tuple[str, ...] = ()
+METHOD_MODULES: tuple[str, ...] = (
+    "efficientgpt.peft.lora",
+)
 
 
 @dataclasses.dataclass(frozen=True)

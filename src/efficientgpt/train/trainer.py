@@ -141,7 +141,8 @@ class Trainer:
     ``step``; it must be a pure function of ``step`` (as :class:`~efficientgpt.data.tokens.WindowSampler`
     is) so that resuming reproduces the data order. ``eval_fn(model)`` returns a mean loss.
     ``fingerprint`` describes the data and anything else a resumed run must share; the trainer adds
-    the model's config, its trainable parameters and the training config.
+    the model's config, its trainable parameters and the training config. ``step_callbacks`` run
+    before each optimizer step with its index (a pure function of the step keeps resumption exact).
     """
 
     def __init__(
@@ -154,6 +155,7 @@ class Trainer:
         loss_fn: LossFn = causal_lm_loss,
         fingerprint: dict[str, Any] | None = None,
         dist: distributed.DistInfo | None = None,
+        step_callbacks: list[Callable[[int], None]] | None = None,
     ):
         config.validate()
         self.cfg = config
@@ -163,6 +165,7 @@ class Trainer:
         self.train_batches = train_batches
         self.eval_fn = eval_fn
         self.loss_fn = loss_fn
+        self.step_callbacks = list(step_callbacks or [])
         self.out_dir = Path(out_dir) if out_dir else None
         if not any(p.requires_grad for p in model.parameters()):
             raise UserError("the model has no trainable parameters")
@@ -189,8 +192,10 @@ class Trainer:
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
+            # Some methods leave parameters without gradient on a step (DyLoRA's ranks above b).
             self.ddp = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(self.step_callbacks),
             )
 
     # ---- checkpoints ------------------------------------------------------------------------
@@ -287,6 +292,8 @@ class Trainer:
         eval_loss = None
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
+            for callback in self.step_callbacks:
+                callback(step)
             batch = {k: v.to(self.device) for k, v in self.train_batches(step).items()}
             # Normalise by the tokens of the whole global batch (all micro-batches, all processes).
             n_tokens = distributed.all_reduce_sum(count_targets(batch).to(self.device).float())
