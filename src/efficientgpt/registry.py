@@ -20,6 +20,7 @@ FAMILIES = ("peft", "prune", "lowrank", "quant", "distill", "attention", "traini
 #: Modules that register methods, imported on first use of the registry.
 METHOD_MODULES: tuple[str, ...] = (
     "efficientgpt.peft.lora",
+    "efficientgpt.peft.dylora",
 )
 
 
