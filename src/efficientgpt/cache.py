@@ -103,6 +103,33 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         raise
 
 
+def publish_files(src: Path, dst: Path, last: str) -> None:
+    """Move the files of a finished ``src`` directory into ``dst``, the file ``last`` last.
+
+    Each move is an atomic rename and readers look for ``last`` first (a model's ``config.json``, a
+    delta's ``delta_config.json``), so ``dst`` never appears to hold a partial result, while other
+    files already in ``dst`` (checkpoints, logs) stay.
+    """
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / last).unlink(missing_ok=True)
+    files = sorted(p for p in Path(src).iterdir() if p.is_file())
+    for f in sorted(files, key=lambda p: p.name == last):
+        os.replace(f, dst / f.name)
+    _fsync_dir(dst)
+
+
+@contextlib.contextmanager
+def staging_dir(dst: str | Path) -> Iterator[Path]:
+    """A temporary directory beside ``dst``, removed afterwards (whatever was not moved out of it)."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def file_lock(path: str | Path) -> Iterator[None]:
     """An exclusive advisory lock (POSIX ``flock``), so concurrent processes build a cache entry once."""

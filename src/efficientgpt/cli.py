@@ -26,6 +26,8 @@ COMMAND_MODULES = (
     "efficientgpt.commands.main_job",
     "efficientgpt.commands.pretrain",
     "efficientgpt.commands.evaluate",
+    "efficientgpt.commands.tune",
+    "efficientgpt.commands.delta_tools",
     "efficientgpt.commands.methods",
     "efficientgpt.survey.cli",
 )
@@ -58,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from efficientgpt import cli_common
+
+    # Per-method flags import every method (and torch); build them only when the command uses them.
+    cli_common.want_methods(bool(argv) and argv[0] in cli_common.METHOD_COMMANDS)
     parser = build_parser()
     if not argv:
         argv = ["run"]

@@ -55,6 +55,21 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:N' or 'auto' (default: auto)")
 
 
+#: Commands whose parsers carry one flag per method-config field (building them imports every method).
+METHOD_COMMANDS = ("tune",)
+_methods_wanted = False
+
+
+def methods_wanted() -> bool:
+    """Whether this invocation's parser needs the per-method flags (set by ``cli.main``)."""
+    return _methods_wanted
+
+
+def want_methods(value: bool) -> None:
+    global _methods_wanted
+    _methods_wanted = value
+
+
 class Output:
     """Human text and the JSON result of one command, kept apart so scripts can parse stdout."""
 

@@ -12,6 +12,7 @@ examples:
   efficientgpt eval --model embedded --data embedded:code --split test
   efficientgpt eval --model gpt2 --data hf:wikitext/wikitext-2-raw-v1 --split test --seq-len 1024
   efficientgpt eval --model ./my-model --data notes.txt
+  efficientgpt eval --model embedded:tiny --delta D --data embedded:code --json
 
 Perplexity follows the SparseGPT/Wanda protocol: the split is joined, tokenized, cut into
 non-overlapping windows of --seq-len tokens (default: the model's context), and exp(mean NLL) over
@@ -23,7 +24,10 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of a model on a data split",
                        description="Evaluate a causal LM's perplexity on a data split.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arg(p)
+    add_model_arg(p, default=None)
+    p.add_argument("--delta", default=None, metavar="DIR",
+                   help="a saved delta ('tune --out' directory) or a Hugging Face PEFT adapter directory to "
+                        "attach first; --model then defaults to the delta's base model")
     add_data_arg(p)
     p.add_argument("--split", default="validation", choices=("train", "validation", "test"),
                    help="which split (default: validation)")
@@ -47,13 +51,19 @@ def run(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v is not None and v < (2 if name == "seq_len" else 1):
             raise UserError(f"--{name.replace('_', '-')} {v} is out of range: must be >= {2 if name == 'seq_len' else 1}")
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code, device=pick_device(args.device))
+    from efficientgpt.commands.delta_tools import attach_delta, base_model_spec
+
+    spec = args.model or (base_model_spec(args.delta) if args.delta else None) or "embedded"
+    loaded = load_model(spec, trust_remote_code=args.trust_remote_code, device=pick_device(args.device))
+    delta = attach_delta(loaded.model, args.delta) if args.delta else None
     data = sources.load_text(args.data, args.split)
     ids = tokens.encode(loaded.tokenizer, data)
     seq_len = args.seq_len or default_seq_len(loaded.model)
     res = perplexity(loaded.model, ids, seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
                      progress=not out.json)
-    result = {**res.to_dict(), "model": loaded.describe(), "data": data.describe()}
-    out.result(result, human=(f"{args.model} on {args.data} ({args.split}): perplexity {res.perplexity:.3f} "
+    result = {**res.to_dict(), "model": loaded.describe(), "data": data.describe(),
+              "delta": delta.describe() if delta is not None else None}
+    label = spec + (f" + {delta.method} delta {args.delta}" if delta is not None else "")
+    out.result(result, human=(f"{label} on {args.data} ({args.split}): perplexity {res.perplexity:.3f} "
                               f"(loss {res.loss:.4f}, {res.tokens:,} tokens, {res.windows} windows of {seq_len})"))
     return 0

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from efficientgpt.cache import cache_dir, file_lock, stable_hash
+from efficientgpt.cache import cache_dir, file_lock, publish_files, stable_hash, staging_dir
 from efficientgpt.config import ConfigBase, field
 from efficientgpt.errors import UserError
 
@@ -69,19 +67,6 @@ def preset_of(spec: str) -> EmbeddedPreset:
         raise UserError(f"unknown embedded preset {name!r} in {spec!r}; choose embedded or "
                         + ", ".join(f"embedded:{p}" for p in PRESETS))
     return PRESETS[name]
-
-
-def publish_files(src: Path, dst: Path) -> None:
-    """Move a complete model's files from ``src`` into ``dst``, ``config.json`` last.
-
-    Each move is an atomic rename, and loaders look for ``config.json`` first, so ``dst`` is never
-    seen holding a partial model.
-    """
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / "config.json").unlink(missing_ok=True)
-    files = sorted(p for p in src.iterdir() if p.is_file())
-    for f in sorted(files, key=lambda p: p.name == "config.json"):
-        os.replace(f, dst / f.name)
 
 
 def _key(preset: EmbeddedPreset, tokenizer_path: Path, corpus_sha: str) -> str:
@@ -159,15 +144,13 @@ def pretrain(preset: EmbeddedPreset, out: str | Path, progress: bool = True, res
             r = perplexity(model, ids, preset.seq_len, batch_size=16)
             metrics[f"val_ppl_{domain}"] = r.perplexity
             metrics[f"val_loss_{domain}"] = r.loss
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmpname:
-            tmp = Path(tmpname)
+        with staging_dir(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             (tmp / "efficientgpt_pretrain.json").write_text(json.dumps(
                 {"preset": preset.to_dict(), "train": result.to_dict(), "data_sha256": train_text.fingerprint},
                 indent=2, default=str))
-            publish_files(tmp, out)
+            publish_files(tmp, out, last="config.json")
     distributed.barrier()
     metrics.update({
         "parameters": sum(p.numel() for p in model.parameters()),

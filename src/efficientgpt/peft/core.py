@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from efficientgpt.cache import atomic_dir
+from efficientgpt.cache import publish_files, staging_dir
 from efficientgpt.errors import UserError
 from efficientgpt.models import arch
 
@@ -367,7 +367,11 @@ CONFIG_FILE = "delta_config.json"
 
 
 def save_delta(delta: Delta, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write the delta's tensors and config into ``directory`` (atomically, safetensors only)."""
+    """Write the delta's tensors and config into ``directory`` (safetensors only).
+
+    The files are moved in complete, ``delta_config.json`` last, so a directory that has one holds a
+    whole delta; other files there (a run's checkpoints and logs) are kept.
+    """
     delta.prepare_for_saving()
     directory = Path(directory)
     meta = {
@@ -380,10 +384,11 @@ def save_delta(delta: Delta, directory: str | Path, extra: dict[str, Any] | None
         "base": delta.base_fingerprint,
         **(extra or {}),
     }
-    with atomic_dir(directory) as tmp:
+    with staging_dir(directory) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in delta.state_dict().items()}, tmp / DELTA_FILE,
                   metadata={"format": FORMAT, "method": delta.method})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        publish_files(tmp, directory, last=CONFIG_FILE)
     return directory
 
 
