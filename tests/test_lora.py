@@ -51,6 +51,18 @@ def test_fused_roles_write_only_their_slice():
     assert changed == set(t.out_index.tolist())  # per-head interleaved v features only
 
 
+def test_dropout_follows_train_and_eval_mode():
+    model = tiny_model("llama")
+    d = core.apply(model, "lora", LoraConfig(targets=["q", "v"], rank=4, dropout=0.5))
+    _randomise(d.parameters())
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, model(IDS).logits)
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(IDS).logits, model(IDS).logits)
+
+
 def test_init_options():
     model = tiny_model("llama", hidden=64)
     d = core.apply(copy.deepcopy(model), "lora", LoraConfig(targets=["q"], rank=8, init="gaussian"))

@@ -121,7 +121,6 @@ class DyLoraDelta(LoraDelta):
         cfg: DyLoraConfig = self.config
         self._targets = arch.resolve(self.model, cfg.targets, cfg.layers, cfg.exclude)
         ref = arch.linear_weight(self._targets[0].module)
-        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.sampled_rank: int | None = None
         self._eval_rank: int | None = None
         self._fold_rank: int | None = None

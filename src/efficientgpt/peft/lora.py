@@ -77,7 +77,6 @@ class LoraDelta(core.Delta):
         cfg: LoraConfig = self.config
         self._targets = arch.resolve(self.model, cfg.targets, cfg.layers, cfg.exclude)
         ref = arch.linear_weight(self._targets[0].module)
-        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         for t in self._targets:
             key = core.target_key(t.name, t.role if t.out_index is not None else None)
             pair = LoraPair(t.in_features, t.out_features, cfg.rank, cfg.init).to(dtype=ref.dtype)
@@ -87,13 +86,18 @@ class LoraDelta(core.Delta):
     def targets(self) -> list[str]:
         return sorted({t.name for t in self._targets})
 
+    def dropout(self, x: torch.Tensor) -> torch.Tensor:
+        # Follows the model's train/eval mode: the delta's tensors are not the model's children.
+        p = self.config.dropout
+        return torch.nn.functional.dropout(x, p, training=self.model.training) if p > 0 else x
+
     def scaling(self, key: str) -> float:
         return self.config.scaling
 
     def _make_hook(self, key: str, out_index):
         def fn(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             A, B = self.factors(key)
-            z = self.drop(x).to(A.dtype) @ A.T  # (..., r)
+            z = self.dropout(x).to(A.dtype) @ A.T  # (..., r)
             d = (z @ B.T) * self.scaling(key)  # (..., d_out of the role)
             if out_index is None:
                 return out + d.to(out.dtype)

@@ -1,0 +1,1 @@
+"""Benchmarking: measurement of time and memory (:mod:`.measure`)."""
