@@ -21,6 +21,8 @@ FAMILIES = ("peft", "prune", "lowrank", "quant", "distill", "attention", "traini
 METHOD_MODULES: tuple[str, ...] = (
     "efficientgpt.peft.lora",
     "efficientgpt.peft.dylora",
+    "efficientgpt.peft.ia3",
+    "efficientgpt.peft.bitfit",
     "efficientgpt.peft.adapter",
     "efficientgpt.peft.full",
 )
