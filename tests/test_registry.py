@@ -17,6 +17,7 @@ class _Cfg:
 
 def test_register_lookup_and_listing(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", {})
+    monkeypatch.setattr(registry, "_loaded", True)
     spec = registry.register(registry.MethodSpec("toy", "peft", _Cfg, lambda m, c: m, "lora", "a toy"))
     assert registry.get("toy") is spec
     assert [s.name for s in registry.methods("peft")] == ["toy"]
@@ -28,6 +29,7 @@ def test_register_lookup_and_listing(monkeypatch):
 
 def test_unknown_names_list_what_exists(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", {})
+    monkeypatch.setattr(registry, "_loaded", True)
     registry.register(registry.MethodSpec("lora_toy", "peft", _Cfg, lambda m, c: m, "lora", "x"))
     with pytest.raises(UserError, match=r"unknown method 'lora_tyo' \(did you mean 'lora_toy'\?\); registered methods: lora_toy"):
         registry.get("lora_tyo")

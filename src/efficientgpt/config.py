@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from typing import Any
 
@@ -95,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
             continue
         origin = typing.get_origin(hint)
         args = typing.get_args(hint)
-        if origin in (list, tuple) or (origin is typing.Union and any(typing.get_origin(a) in (list, tuple) for a in args)):
+        if origin in (list, tuple) or (origin in (typing.Union, types.UnionType) and any(typing.get_origin(a) in (list, tuple) for a in args)):
             parser.add_argument(_flag(f.name, prefix), dest=dest, default=None, type=_csv, help=help_text)
             continue
         scalar = next((a for a in (args or (hint,)) if a in (int, float, str)), str)

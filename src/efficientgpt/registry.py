@@ -23,6 +23,8 @@ METHOD_MODULES: tuple[str, ...] = (
     "efficientgpt.peft.dylora",
     "efficientgpt.peft.ia3",
     "efficientgpt.peft.bitfit",
+    "efficientgpt.peft.prompt_tuning",
+    "efficientgpt.peft.prefix_tuning",
     "efficientgpt.peft.adapter",
     "efficientgpt.peft.full",
 )
@@ -46,6 +48,8 @@ class MethodSpec:
     """One line for ``efficientgpt methods``."""
     mergeable: bool = False
     """True when the delta folds into the base weights (merged logits equal unmerged)."""
+    calibration: bool = False
+    """True when the method needs calibration data (``apply(model, config, windows=...)``)."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

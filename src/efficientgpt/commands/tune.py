@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
-import time
+import dataclasses
 
 from efficientgpt.cli_common import (
     Output,
@@ -15,7 +14,8 @@ from efficientgpt.cli_common import (
     add_out_arg,
     methods_wanted,
 )
-from efficientgpt.config import add_arguments, from_args
+from efficientgpt.config import add_arguments
+from efficientgpt.train.config import TrainConfig
 
 EPILOG = """\
 examples:
@@ -32,8 +32,6 @@ result.json; use it with 'eval --delta', 'merge --delta' and 'export --delta'.
 
 
 def register(sub) -> None:
-    from efficientgpt.train.config import TrainConfig
-
     p = sub.add_parser("tune", help="fine-tune a model with a registered method (lora, ia3, ...)",
                        description="Attach a parameter-efficient method to a causal LM and train it.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,88 +56,26 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from efficientgpt import pipeline
     from efficientgpt.commands.methodflags import method_config
-    from efficientgpt.data import sources, tokens
-    from efficientgpt.eval.perplexity import default_seq_len, perplexity
-    from efficientgpt.models.loading import load_model
-    from efficientgpt.peft import core
-    from efficientgpt.registry import get
     from efficientgpt.train import distributed
-    from efficientgpt.train.config import TrainConfig
-    from efficientgpt.train.trainer import Trainer
 
-    spec = get(args.method)
     config = method_config(args.method, args)
     dist = distributed.init(args.device)
     out = Output(args, rank=dist.rank)
-    t0 = time.perf_counter()
-    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code, device=dist.device,
-                        progress=dist.is_main)
-    model, tok = loaded.model, loaded.tokenizer
-    context = default_seq_len(model)
-    steps = args.steps or 100
-    train_cfg = from_args(
-        TrainConfig, args, steps=steps, warmup_steps=min(10, steps // 10), seq_len=min(128, context),
-        save_trainable_only=True, progress=not args.no_progress and not out.quiet,
-    )
-    train_text = sources.load_text(args.data, "train")
-    val_text = sources.load_text(args.data, "validation")
-    train_ids, val_ids = tokens.encode(tok, train_text), tokens.encode(tok, val_text)
-    eval_tokens = args.eval_tokens or None
-
-    def evaluate(m) -> float:
-        return perplexity(m, val_ids, train_cfg.seq_len, batch_size=16, max_tokens=eval_tokens).loss
-
-    before = evaluate(model) if dist.is_main else None
-    torch.manual_seed(train_cfg.seed)
-    delta = spec.apply(model, config)
-    counts = core.count_parameters(model)
-    out.info(f"{args.method} on {args.model}: {counts['trainable']:,} trainable of {counts['total']:,} "
-             f"parameters ({counts['trainable_pct']:.3f}%)")
-    sampler = tokens.WindowSampler(train_ids, train_cfg.seq_len, train_cfg.batch_size, seed=train_cfg.seed,
-                                   rank=dist.rank, world=dist.world)
-    trainer = Trainer(
-        model, train_cfg, sampler, out_dir=args.out, eval_fn=evaluate if dist.is_main else None,
-        fingerprint={"data": train_text.fingerprint, "method": args.method,
-                     "method_config": json.loads(json.dumps(config.to_dict(), default=str)),
-                     "base": delta.base_fingerprint},
-        dist=dist, step_callbacks=[delta.on_step_begin],
-    )
-    result = trainer.train(resume=args.resume)
-    summary = {
-        "path": args.out,
-        "method": args.method,
-        "config": config.to_dict(),
-        "model": loaded.describe(),
-        "data": train_text.describe(),
-        "parameters": counts,
-        "train": result.to_dict(),
-    }
+    train = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    train["progress"] = not args.no_progress and not out.quiet
+    summary = pipeline.tune(args.model, args.method, config, data=args.data, out=args.out, train=train,
+                            resume=args.resume, eval_tokens=args.eval_tokens or None, device=args.device,
+                            trust_remote_code=args.trust_remote_code, log=out.info)
     if dist.is_main:
-        summary["delta_bytes"] = sum(t.numel() * t.element_size() for t in delta.state_dict().values())
-        core.save_delta(delta, args.out, extra={"base_model": {"spec": args.model, "path": loaded.path}})
-        summary["eval"] = {"split": "validation", "tokens": eval_tokens, "loss_before": before,
-                           "loss_after": result.eval_loss,
-                           "ppl_before": _exp(before), "ppl_after": _exp(result.eval_loss)}
-        summary["wall_s"] = time.perf_counter() - t0
-        from efficientgpt.cache import atomic_write_json
-
-        atomic_write_json(f"{args.out}/result.json", json.loads(json.dumps(summary, default=str)))
-    distributed.barrier()
-    if dist.is_main:
-        e = summary["eval"]
+        summary = {k: v for k, v in summary.items() if k not in ("delta", "loaded")}
+        e, counts, result = summary["eval"], summary["parameters"], summary["train"]
         out.result(summary, human=(
             f"saved {args.method} delta to {args.out}\n"
             f"  trainable      {counts['trainable']:,} ({counts['trainable_pct']:.3f}%), "
             f"{summary['delta_bytes']:,} bytes\n"
-            f"  validation ppl {e['ppl_before']:.3f} -> {e['ppl_after']:.3f} on {args.data}\n"
-            f"  step time      {result.step_time_s * 1000:.1f} ms, {result.tokens_per_s:,.0f} tokens/s"))
+            f"  validation     loss {e['loss_before']:.4f} -> {e['loss_after']:.4f} on {args.data}\n"
+            f"  step time      {result['step_time_s'] * 1000:.1f} ms, {result['tokens_per_s']:,.0f} tokens/s"))
     return 0
-
-
-def _exp(x):
-    import math
-
-    return math.exp(x) if x is not None and x < 700 else None

@@ -118,11 +118,16 @@ class Delta:
     def hook_model(self, fn: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
         """The model's keyword arguments become ``fn(kwargs)`` while enabled (prompts, prefixes)."""
 
+        import inspect
+
+        names = [n for n, p in inspect.signature(self.model.forward).parameters.items()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
         def hook(mod, args, kwargs):
             if not self.enabled:
                 return None
-            if args:  # normalise model(ids) to model(input_ids=ids)
-                kwargs = {**kwargs, "input_ids": args[0]}
+            if args:  # normalise model(ids, mask, ...) to keyword form, so fn sees every input by name
+                kwargs = {**kwargs, **dict(zip(names, args))}
                 args = ()
             return args, fn(kwargs)
 

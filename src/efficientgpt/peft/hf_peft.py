@@ -48,8 +48,9 @@ def export_peft(delta: Delta, directory: str | Path, base_model_name_or_path: st
     config = {"base_model_name_or_path": base_model_name_or_path, "inference_mode": True, **config}
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
-        save_file({PREFIX + k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS_FILE,
-                  metadata={"format": "pt"})
+        # Prompt-learning adapters keep PEFT's bare key; module weights carry the model prefix.
+        save_file({(k if k == "prompt_embeddings" else PREFIX + k): v.detach().contiguous().cpu()
+                   for k, v in tensors.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
 
