@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "efficientgpt.commands.pretrain",
     "efficientgpt.commands.evaluate",
     "efficientgpt.commands.tune",
+    "efficientgpt.commands.compress",
     "efficientgpt.commands.delta_tools",
     "efficientgpt.commands.methods",
     "efficientgpt.survey.cli",

@@ -56,7 +56,7 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 
 
 #: Commands whose parsers carry one flag per method-config field (building them imports every method).
-METHOD_COMMANDS = ("tune",)
+METHOD_COMMANDS = ("tune", "compress")
 _methods_wanted = False
 
 

@@ -16,7 +16,8 @@ from efficientgpt import registry
 from efficientgpt.config import _csv
 from efficientgpt.errors import UserError
 
-RESERVED = {"steps", "batch_size", "grad_accum", "seq_len", "lr", "weight_decay", "beta1", "beta2", "warmup_steps",
+RESERVED = {"calib_data", "calib_split", "calib_samples", "calib_seq_len", "calib_seed", "calib_batch",
+            "eval_tokens", "steps", "batch_size", "grad_accum", "seq_len", "lr", "weight_decay", "beta1", "beta2", "warmup_steps",
             "min_lr_ratio", "max_grad_norm", "bf16", "gradient_checkpointing", "eval_every", "eval_batches",
             "log_every", "save_every", "keep_checkpoints", "save_trainable_only", "seed", "progress", "model",
             "data", "out", "json", "method", "device", "resume", "delta", "split", "format", "force"}
@@ -26,8 +27,9 @@ def dest(field_name: str) -> str:
     return f"method_{field_name}" if field_name in RESERVED else field_name
 
 
-def add_method_flags(parser: argparse.ArgumentParser, family: str | None = "peft") -> None:
-    specs = registry.methods(family)
+def add_method_flags(parser: argparse.ArgumentParser, family: str | tuple[str, ...] | None = "peft") -> None:
+    families = (family,) if isinstance(family, str) or family is None else family
+    specs = [s for f in families for s in registry.methods(f)]
     owners: dict[str, list[str]] = {}
     fields: dict[str, dataclasses.Field] = {}
     hints: dict[str, type] = {}

@@ -79,8 +79,14 @@ def load_model(spec: str, trust_remote_code: bool = False, device: str | torch.d
     kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    from efficientgpt.compress.io import load_compressed, read_manifest
+
+    manifest = read_manifest(path) if os.path.isdir(path) else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if manifest is not None and manifest.get("modules"):
+            model = load_compressed(path, manifest, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         where = "local directory" if os.path.isdir(path) else "hub id"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

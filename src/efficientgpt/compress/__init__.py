@@ -1,0 +1,2 @@
+"""Post-training compression: calibration (:mod:`.calibration`), pruning, low-rank decomposition,
+quantization, and saving/loading rewritten models (:mod:`.io`)."""
