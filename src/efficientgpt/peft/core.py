@@ -64,6 +64,7 @@ class Delta:
         self.active = True
         self.merged = False
         self._handles: list[Any] = []
+        self._hook_specs: list[tuple[nn.Module, str, Any]] = []
         self.base_fingerprint: dict[str, Any] = {}
 
     # ---- subclass interface -------------------------------------------------------------
@@ -103,7 +104,7 @@ class Delta:
                 return None
             return fn(args[0], output)
 
-        self._handles.append(module.register_forward_hook(hook))
+        self._add_hook(module, "forward", hook)
 
     def hook_input(self, module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """``module``'s first input becomes ``fn(input)`` while the delta is enabled."""
@@ -113,11 +114,10 @@ class Delta:
                 return None
             return (fn(args[0]), *args[1:])
 
-        self._handles.append(module.register_forward_pre_hook(hook))
+        self._add_hook(module, "pre", hook)
 
     def hook_model(self, fn: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
         """The model's keyword arguments become ``fn(kwargs)`` while enabled (prompts, prefixes)."""
-
         import inspect
 
         names = [n for n, p in inspect.signature(self.model.forward).parameters.items()
@@ -131,7 +131,22 @@ class Delta:
                 args = ()
             return args, fn(kwargs)
 
-        self._handles.append(self.model.register_forward_pre_hook(hook, with_kwargs=True))
+        self._add_hook(self.model, "pre_kwargs", hook)
+
+    def _add_hook(self, module: nn.Module, kind: str, hook) -> None:
+        self._hook_specs.append((module, kind, hook))
+        self._handles.append(_register(module, kind, hook))
+
+    def _detach_hooks(self) -> None:
+        """Remove the hooks from the modules (a merged delta needs none: its update is in the weights,
+        and a module without hooks takes PyTorch's fast call path)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _attach_hooks(self) -> None:
+        if not self._handles:
+            self._handles = [_register(m, kind, hook) for m, kind, hook in self._hook_specs]
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.modules.parameters())
@@ -159,6 +174,7 @@ class Delta:
             with torch.no_grad():
                 self._merge()
             self.merged = True
+            self._detach_hooks()
 
     def unmerge(self) -> None:
         """Undo :meth:`merge`, restoring the base weights."""
@@ -166,13 +182,13 @@ class Delta:
             with torch.no_grad():
                 self._unmerge()
             self.merged = False
+            self._attach_hooks()
 
     def remove(self) -> None:
         """Detach the delta: hooks gone, tensors gone, base weights as before (unmerged first)."""
         self.unmerge()
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._detach_hooks()
+        self._hook_specs.clear()
         root = getattr(self.model, DELTA_ROOT, None)
         if root is not None and self.name in root:
             del root[self.name]
@@ -191,6 +207,16 @@ class Delta:
             "bytes": sum(t.numel() * t.element_size() for t in self.state_dict().values()),
             "mergeable": self.mergeable,
         }
+
+
+def _register(module: nn.Module, kind: str, hook):
+    if kind == "forward":
+        return module.register_forward_hook(hook)
+    if kind == "forward_always":  # runs even when the forward raised (restoring swapped state)
+        return module.register_forward_hook(hook, always_call=True)
+    if kind == "pre":
+        return module.register_forward_pre_hook(hook)
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
@@ -229,13 +255,13 @@ def apply(model: nn.Module, method: str | Any, config: Any = None, name: str = "
                         "choose another name or remove it first")
     if not getattr(model, DELTA_ROOT, None):
         model.add_module(DELTA_ROOT, nn.ModuleDict())
+    model._efficientgpt_disabled = getattr(model, "_efficientgpt_disabled", False)  # a plain attribute: fast reads
     delta = cls(model, config, name)
     delta.base_fingerprint = base_fingerprint(model)
     try:
         delta.attach()
     except BaseException:
-        for h in delta._handles:
-            h.remove()
+        delta._detach_hooks()
         if len(getattr(model, DELTA_ROOT)) == 0:
             delattr(model, DELTA_ROOT)
         raise
@@ -317,9 +343,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for d in objs.values():
         d.merge()
     for d in objs.values():
-        for h in d._handles:
-            h.remove()
-        d._handles.clear()
+        d._detach_hooks()
+        d._hook_specs.clear()
         d.finalize_merged()
     if hasattr(model, DELTA_ROOT):
         delattr(model, DELTA_ROOT)

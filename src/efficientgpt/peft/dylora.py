@@ -118,17 +118,14 @@ class DyLoraDelta(LoraDelta):
     mergeable = True
 
     def attach(self) -> None:
-        cfg: DyLoraConfig = self.config
-        self._targets = arch.resolve(self.model, cfg.targets, cfg.layers, cfg.exclude)
-        ref = arch.linear_weight(self._targets[0].module)
         self.sampled_rank: int | None = None
         self._eval_rank: int | None = None
         self._fold_rank: int | None = None
         self._merged_rank: int | None = None
-        for t in self._targets:
-            key = core.target_key(t.name, t.role if t.out_index is not None else None)
-            self.modules[key] = DyLoraFactors(t.in_features, t.out_features, cfg.rank, cfg.init).to(dtype=ref.dtype)
-            self.hook_output(t.module, self._make_hook(key, t.out_index))
+        super().attach()
+
+    def new_factors(self, t: arch.Target) -> nn.Module:
+        return DyLoraFactors(t.in_features, t.out_features, self.config.rank, self.config.init)
 
     # ---- ranks -----------------------------------------------------------------------------
     @property

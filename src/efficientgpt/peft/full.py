@@ -102,8 +102,8 @@ class FullDelta(core.Delta):
         self._base = {n: p.detach().to("cpu", copy=True) for n, p in self._named} if cfg.keep_base else None
         self._versions = {n: p._version for n, p in self._named}
         self._swapped = False
-        self._handles.append(self.model.register_forward_pre_hook(self._swap_in_base))
-        self._handles.append(self.model.register_forward_hook(self._swap_back, always_call=True))
+        self._add_hook(self.model, "pre", self._swap_in_base)
+        self._add_hook(self.model, "forward_always", self._swap_back)
 
     # ---- the delta's tensors are the model's own ------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:

@@ -111,7 +111,7 @@ class KVPrefixDelta(core.Delta):
         self._busy = False  # set while a subclass runs the model to compute its own virtual tokens
         self.build()
         self.hook_model(self._before_forward)
-        self._handles.append(self.model.register_forward_hook(_drop_transient_cache))
+        self._add_hook(self.model, "forward", _drop_transient_cache)
 
     def new_cache(self) -> DynamicCache:
         """An empty cache laid out like the one the model would make itself."""

@@ -22,6 +22,7 @@ import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from efficientgpt import registry
@@ -77,11 +78,20 @@ class LoraDelta(core.Delta):
         cfg: LoraConfig = self.config
         self._targets = arch.resolve(self.model, cfg.targets, cfg.layers, cfg.exclude)
         ref = arch.linear_weight(self._targets[0].module)
+        by_module: dict[int, list] = {}
         for t in self._targets:
-            key = core.target_key(t.name, t.role if t.out_index is not None else None)
-            pair = LoraPair(t.in_features, t.out_features, cfg.rank, cfg.init).to(dtype=ref.dtype)
-            self.modules[key] = pair
-            self.hook_output(t.module, self._make_hook(key, t.out_index))
+            self.modules[self.key_of(t)] = self.new_factors(t).to(dtype=ref.dtype)
+            by_module.setdefault(id(t.module), []).append(t)
+        for targets in by_module.values():
+            self.hook_output(targets[0].module, self._make_hook(targets))
+
+    def new_factors(self, t: arch.Target) -> nn.Module:
+        """The module holding one target's factors (DyLoRA stores them per rank component)."""
+        return LoraPair(t.in_features, t.out_features, self.config.rank, self.config.init)
+
+    @staticmethod
+    def key_of(t: arch.Target) -> str:
+        return core.target_key(t.name, t.role if t.out_index is not None else None)
 
     def targets(self) -> list[str]:
         return sorted({t.name for t in self._targets})
@@ -94,16 +104,47 @@ class LoraDelta(core.Delta):
     def scaling(self, key: str) -> float:
         return self.config.scaling
 
-    def _make_hook(self, key: str, out_index):
-        def fn(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-            A, B = self.factors(key)
-            z = self.dropout(x).to(A.dtype) @ A.T  # (..., r)
-            d = (z @ B.T) * self.scaling(key)  # (..., d_out of the role)
-            if out_index is None:
-                return out + d.to(out.dtype)
-            return out.index_add(-1, out_index.to(out.device), d.to(out.dtype))
+    def _make_hook(self, targets: list[arch.Target]):
+        """One hook per module: the update of a whole module, or of all its fused roles at once."""
+        if len(targets) == 1 and targets[0].out_index is None:
+            key = self.key_of(targets[0])
 
-        return fn
+            def whole(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                A, B = self.factors(key)
+                x = self.dropout(x)
+                z = F.linear(x if x.dtype == A.dtype else x.to(A.dtype), A) * self.scaling(key)  # (..., r)
+                d = F.linear(z, B)  # (..., d_out)
+                return out + (d if d.dtype == out.dtype else d.to(out.dtype))
+
+            return whole
+        keys = [self.key_of(t) for t in targets]
+        d_out = arch.linear_shape(targets[0].module)[1]
+        index_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def rows_cols(device: torch.device, ranks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            # Where each role's B goes in the fused (d_out x Σr) matrix: its rows, its block of columns.
+            cached = index_cache.get(device)
+            if cached is None or cached[1].numel() != sum(len(t.out_index) * r for t, r in zip(targets, ranks)):
+                rows, cols, start = [], [], 0
+                for t, r in zip(targets, ranks):
+                    rows.append(t.out_index.repeat_interleave(r))
+                    cols.append(torch.arange(start, start + r).repeat(len(t.out_index)))
+                    start += r
+                cached = index_cache[device] = (torch.cat(rows).to(device), torch.cat(cols).to(device))
+            return cached
+
+        def fused(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            factors = [self.factors(k) for k in keys]
+            ranks = [a.shape[0] for a, _ in factors]
+            A = torch.cat([a * self.scaling(k) for (a, _), k in zip(factors, keys)])  # (Σr, d_in)
+            rows, cols = rows_cols(out.device, ranks)
+            values = torch.cat([b.reshape(-1) for _, b in factors])  # each B_r row-major: (d_r, r)
+            B = A.new_zeros(d_out, A.shape[0]).index_put((rows, cols), values)  # (d_out, Σr), block-sparse
+            x = self.dropout(x)
+            d = F.linear(F.linear(x if x.dtype == A.dtype else x.to(A.dtype), A), B)  # (..., d_out)
+            return out + (d if d.dtype == out.dtype else d.to(out.dtype))
+
+        return fused
 
     def factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         pair = self.modules[key]
@@ -116,7 +157,7 @@ class LoraDelta(core.Delta):
 
     def _fold(self, sign: float) -> None:
         for t in self._targets:
-            key = core.target_key(t.name, t.role if t.out_index is not None else None)
+            key = self.key_of(t)
             dw = sign * self.delta_weight(key)
             w = t.module.weight
             dw = dw.to(w.dtype)
