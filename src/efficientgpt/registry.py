@@ -25,6 +25,8 @@ METHOD_MODULES: tuple[str, ...] = (
     "efficientgpt.peft.bitfit",
     "efficientgpt.peft.prompt_tuning",
     "efficientgpt.peft.prefix_tuning",
+    "efficientgpt.peft.llama_adapter",
+    "efficientgpt.compress.quant",
     "efficientgpt.peft.adapter",
     "efficientgpt.peft.full",
 )

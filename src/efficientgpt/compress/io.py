@@ -81,6 +81,7 @@ def load_compressed(directory: str | Path, manifest: dict[str, Any], dtype=None)
     state = {}
     for f in sorted(directory.glob("*.safetensors")):
         state.update(load_file(f))
+    state = _undo_save_renames(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied weights (lm_head = embeddings) are stored once; re-tie instead of reporting them missing.
     model.tie_weights()
@@ -101,3 +102,27 @@ def _is_tied(model: nn.Module, key: str) -> bool:
         return key.startswith("lm_head") and out is not None and out.weight is model.get_input_embeddings().weight
     except AttributeError:
         return False
+
+
+def _undo_save_renames(model: nn.Module, state: dict) -> dict:
+    """``save_pretrained`` writes some keys under legacy names (GPT-NeoX ``lm_head`` -> ``embed_out``);
+    map them back to the module paths of the model being rebuilt."""
+    import re
+
+    try:
+        from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+    except ImportError:
+        return state
+    own = set(model.state_dict())
+    rules = [(s, t) for r in get_model_conversion_mapping(model) if isinstance(r, WeightRenaming)
+             for s, t in zip(r.source_patterns, r.target_patterns)]
+    out = {}
+    for k, v in state.items():
+        if k not in own:
+            for s, t in rules:
+                new = re.sub(s, t, k)
+                if new in own:
+                    k = new
+                    break
+        out[k] = v
+    return out
