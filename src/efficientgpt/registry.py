@@ -26,6 +26,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "efficientgpt.peft.prompt_tuning",
     "efficientgpt.peft.prefix_tuning",
     "efficientgpt.peft.llama_adapter",
+    "efficientgpt.peft.compacter",
     "efficientgpt.compress.quant",
     "efficientgpt.peft.adapter",
     "efficientgpt.peft.full",

@@ -272,6 +272,7 @@ def apply(model: nn.Module, method: str | Any, config: Any = None, name: str = "
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     if ref is not None:
         delta.modules.to(device=ref.device)
+    delta.modules.train(model.training)  # new modules start in training mode; follow the model's mode
     getattr(model, DELTA_ROOT)[name] = delta.modules
     existing[name] = delta
     if freeze_base:
