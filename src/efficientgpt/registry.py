@@ -28,6 +28,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "efficientgpt.peft.llama_adapter",
     "efficientgpt.peft.compacter",
     "efficientgpt.compress.quant",
+    "efficientgpt.compress.lowrank",
     "efficientgpt.peft.adapter",
     "efficientgpt.peft.full",
 )
