@@ -27,6 +27,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "efficientgpt.peft.prefix_tuning",
     "efficientgpt.peft.llama_adapter",
     "efficientgpt.peft.compacter",
+    "efficientgpt.peft.pst",
     "efficientgpt.compress.quant",
     "efficientgpt.compress.lowrank",
     "efficientgpt.peft.adapter",
