@@ -30,6 +30,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "efficientgpt.peft.pst",
     "efficientgpt.compress.quant",
     "efficientgpt.compress.lowrank",
+    "efficientgpt.compress.structured",
     "efficientgpt.peft.adapter",
     "efficientgpt.peft.full",
 )

@@ -1,0 +1,160 @@
+"""Structured pruning: real CPU decode speed and file size of pruned models against the dense one.
+
+Models, built from config (random weights: decode time does not depend on their values):
+  gpt2   GPT-2 small: n_embd 768, 12 layers, 12 heads, MLP 3072, vocab 50257 (tied head), 124M.
+         Only the MLP is pruned (GPT-2's config cannot express fewer heads of the same size).
+  llama  Llama-shaped, similar size: hidden 768, 12 layers, 12 heads (MHA), SwiGLU 2048, vocab 32000
+         (untied head), 134M. Heads and MLP channels are pruned; LlamaConfig needs the head count to
+         divide 768, so ratio 0.3 removes 4 of 12 heads (the nearest expressible count to 3.6).
+
+Variants: dense, and ``efficientgpt.compress.structured`` at each ``--ratios`` (magnitude importance;
+the speed depends on the shapes only). For each: greedy decoding at batch 1 with the KV cache,
+``--new-tokens`` tokens after a ``--prompt``-token prompt (``min_new_tokens`` forces the full length);
+the variants alternate over ``--runs`` rounds after one warm-up each, and the median tokens/s is
+reported. File size is the safetensors written by ``save_pretrained`` (fp32). The table shows the
+speed ratio to dense next to the parameter ratios (all parameters, and the decoder blocks alone:
+embeddings and the LM head are not pruned).
+
+Usage:
+  python benchmarks/structured.py                          # both models, ratios 0.3 and 0.5
+  python benchmarks/structured.py --small --runs 2         # seconds: tiny shapes, to check it works
+  python benchmarks/structured.py --threads 4 --out benchmarks/results/structured-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def build(name: str, small: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    h, layers, heads = (128, 2, 4) if small else (768, 12, 12)
+    if name == "gpt2":
+        cfg = GPT2Config(n_embd=h, n_layer=layers, n_head=heads, n_inner=4 * h, n_positions=1024,
+                         vocab_size=2048 if small else 50257, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                         bos_token_id=0 if small else 50256, eos_token_id=0 if small else 50256)
+    elif name == "llama":
+        cfg = LlamaConfig(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
+                          num_key_value_heads=heads, intermediate_size=2048 * h // 768,
+                          vocab_size=2048 if small else 32000, max_position_embeddings=1024,
+                          tie_word_embeddings=False)
+    else:
+        raise SystemExit(f"unknown model {name!r}; choose gpt2 or llama")
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def block_parameters(model) -> int:
+    from efficientgpt.models import arch
+
+    return sum(p.numel() for p in arch.blocks(model).parameters())
+
+
+def file_bytes(model) -> int:
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        return sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
+
+
+def decode_seconds(model, prompt, new_tokens: int) -> float:
+    import torch
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             use_cache=True, pad_token_id=0)
+        dt = time.perf_counter() - t0
+    assert out.shape[1] == prompt.shape[1] + new_tokens
+    return dt
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="gpt2,llama", help="comma list of gpt2, llama (default: both)")
+    p.add_argument("--ratios", default="0.3,0.5", help="structured pruning ratios (default: 0.3,0.5)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt", type=int, default=16, help="prompt length in tokens")
+    p.add_argument("--runs", type=int, default=5, help="timed rounds (median reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--small", action="store_true", help="tiny shapes, for a quick check that the script works")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from efficientgpt.compress import structured
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    rows = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        dense = build(name, args.small)
+        variants = {"dense": (dense, None)}
+        for r in ratios:
+            m = copy.deepcopy(dense)
+            res = structured.apply(m, structured.StructuredConfig(ratio=r, importance="magnitude",
+                                                                  prune_heads=name != "gpt2"))
+            variants[f"structured-{r:g}"] = (m, res.achieved)
+        vocab = dense.config.vocab_size
+        prompt = torch.randint(0, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+        times = {v: [] for v in variants}
+        for m, _ in variants.values():
+            decode_seconds(m, prompt, args.new_tokens)  # warm-up
+        for run in range(args.runs):
+            for v, (m, _) in variants.items():  # alternate, so drift on a shared machine hits all alike
+                times[v].append(decode_seconds(m, prompt, args.new_tokens))
+                print(f"  {name} {v} run {run + 1}/{args.runs}: {args.new_tokens / times[v][-1]:.1f} tok/s",
+                      file=sys.stderr, flush=True)
+        base = None
+        for v, (m, achieved) in variants.items():
+            tps = args.new_tokens / statistics.median(times[v])
+            row = {
+                "model": name, "variant": v, "parameters": sum(p.numel() for p in m.parameters()),
+                "block_parameters": block_parameters(m), "file_bytes": file_bytes(m), "tokens_per_s": tps,
+                "times_s": times[v], "heads": m.config.num_attention_heads,
+                "mlp": achieved["mlp_channels_after"] if achieved else None, "achieved": achieved,
+            }
+            base = base or row
+            row["param_ratio"] = row["parameters"] / base["parameters"]
+            row["block_param_ratio"] = row["block_parameters"] / base["block_parameters"]
+            row["file_ratio"] = row["file_bytes"] / base["file_bytes"]
+            row["speed_ratio"] = tps / base["tokens_per_s"]
+            rows.append(row)
+        del variants, dense
+
+    print(f"decode at batch 1, greedy, KV cache: {args.new_tokens} new tokens after {args.prompt}; median of "
+          f"{args.runs}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    head = f"{'model':6} {'variant':16} {'heads':>5} {'params':>12} {'p.ratio':>7} {'blk.ratio':>9} " \
+           f"{'file MB':>8} {'tok/s':>8} {'speed x':>7}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['model']:6} {r['variant']:16} {r['heads']:>5} {r['parameters']:>12,} {r['param_ratio']:>7.3f} "
+              f"{r['block_param_ratio']:>9.3f} {r['file_bytes'] / 2**20:>8.1f} {r['tokens_per_s']:>8.1f} "
+              f"{r['speed_ratio']:>7.2f}")
+    if args.out:
+        result = {
+            "benchmark": "structured", "settings": vars(args),
+            "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                            "platform": platform.platform(), "processor": platform.processor()},
+            "rows": rows,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
