@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "efficientgpt.commands.main_job",
     "efficientgpt.commands.pretrain",
     "efficientgpt.commands.evaluate",
+    "efficientgpt.commands.tasks",
     "efficientgpt.commands.tune",
     "efficientgpt.commands.compress",
     "efficientgpt.commands.delta_tools",
@@ -39,6 +40,7 @@ examples:
   efficientgpt pretrain --model embedded:tiny --json
   efficientgpt eval --model embedded --data embedded:code
   efficientgpt methods --json
+  efficientgpt tasks --json
   torchrun --nproc_per_node 2 -m efficientgpt pretrain --model embedded:tiny --out DIR
 
 Run 'efficientgpt COMMAND --help' for a command's options.
