@@ -28,6 +28,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "efficientgpt.peft.llama_adapter",
     "efficientgpt.peft.compacter",
     "efficientgpt.peft.pst",
+    "efficientgpt.peft.s4",
     "efficientgpt.compress.quant",
     "efficientgpt.compress.lowrank",
     "efficientgpt.compress.structured",

@@ -262,7 +262,8 @@ def apply(model: nn.Module, method: str | Any, config: Any = None, name: str = "
         delta.attach()
     except BaseException:
         delta._detach_hooks()
-        if len(getattr(model, DELTA_ROOT)) == 0:
+        root = getattr(model, DELTA_ROOT, None)
+        if root is not None and len(root) == 0:
             delattr(model, DELTA_ROOT)
         raise
     delta.base_fingerprint["targets"] = {

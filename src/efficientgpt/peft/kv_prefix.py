@@ -20,6 +20,15 @@ user's tokens only); models that derive positions from the cache length (Llama, 
 the mask (OPT) then agree. A cache the caller did not ask for (``use_cache=False``) is dropped from the
 output again by a forward hook, so ``generate(use_cache=False)`` does not mistake it for a past.
 
+Per-layer virtual tokens. Every layer's cache must hold the same number of tokens: transformers builds
+one attention mask per forward from one cache length, so a layer cannot simply hold fewer virtual tokens
+than another. A delta whose virtual tokens should act only in some layers (prefix tuning with ``layers``)
+therefore fills the other layers' slots with zeros and hides them there: :func:`hide_virtual_tokens`, a
+pre-hook on those layers' attention modules, sets the slots' columns of the 4-D attention mask to
+"masked" (``False`` in a boolean mask, the dtype's minimum in an additive one), so their softmax weight
+is exactly zero and the layer computes what it would without them. The slots sit where
+:func:`virtual_token_span` says: deltas append their tokens in the order they are marked on the cache.
+
 Limits, raised as clear errors: the mask must be 2-D; a cache holding tokens read *without* this delta
 is refused; gradient checkpointing in training is refused, because transformers' checkpointed decoder
 layers drop the cache, and with it the virtual tokens; absolute-position families (GPT-2, OPT) must fit
@@ -48,6 +57,58 @@ TRANSIENT = "_efficientgpt_transient_cache"
 def virtual_tokens(cache: Cache | None) -> dict[str, int]:
     """The virtual tokens ``cache`` holds, by delta name."""
     return dict(getattr(cache, MARK, {})) if cache is not None else {}
+
+
+def virtual_token_span(cache: Cache | None, name: str) -> tuple[int, int] | None:
+    """``(start, stop)`` of delta ``name``'s virtual tokens in ``cache``'s sequence axis, or ``None``."""
+    start = 0
+    for other, n in virtual_tokens(cache).items():  # insertion order is the order they were appended
+        if other == name:
+            return start, start + n
+        start += n
+    return None
+
+
+#: The forward keyword under which each family's attention module receives the cache.
+_CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
+
+
+def hide_virtual_tokens(kwargs: dict[str, Any], name: str, hidden: torch.Tensor, layer: int,
+                        additive: bool) -> dict[str, Any]:
+    """The attention module's keyword arguments with delta ``name``'s virtual tokens masked out.
+
+    ``kwargs`` are those of a layer's attention module (``attention_mask``, and the cache under one of
+    :data:`_CACHE_KWARGS`), ``hidden`` its input ``(B, q, d)`` and ``layer`` its decoder layer; ``additive``
+    says which mask to make where the model passes none (eager attention adds a float mask, sdpa takes a
+    boolean one). Returns ``kwargs`` unchanged when the cache holds no virtual tokens of ``name``.
+    """
+    cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+    span = virtual_token_span(cache, name)
+    if span is None:
+        return kwargs
+    start, stop = span
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        # No mask: the model relies on plain causal attention (sdpa's decoding step). Make it explicit, aligned
+        # to the end of the keys: query i sees keys 0 .. past + i.
+        q_len, past = hidden.shape[-2], cache.get_seq_length(layer)
+        kv = past + q_len
+        rows = torch.arange(q_len, device=hidden.device)[:, None]  # (q, 1)
+        cols = torch.arange(kv, device=rows.device)[None, :]  # (1, kv)
+        mask = (cols <= past + rows)[None, None]  # (1, 1, q, kv)
+        if additive:
+            mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+                ~mask, torch.finfo(hidden.dtype).min)
+    elif not isinstance(mask, torch.Tensor) or mask.ndim != 4:
+        raise UserError(f"per-layer virtual tokens need a 4-D attention mask (eager or sdpa attention); this model's "
+                        f"attention got {type(mask).__name__}"
+                        f"{'' if not isinstance(mask, torch.Tensor) else f' of shape {tuple(mask.shape)}'}")
+    mask = mask.clone()  # the model shares one mask between its layers
+    if mask.dtype == torch.bool:
+        mask[..., start:stop] = False  # (B, 1, q, kv): True means "may attend"
+    else:
+        mask[..., start:stop] = torch.finfo(mask.dtype).min  # additive mask
+    return {**kwargs, "attention_mask": mask}
 
 
 def max_positions(model) -> int | None:

@@ -18,6 +18,17 @@ After training only ``P_θ`` is needed: :meth:`PrefixTuningDelta.prepare_for_sav
 The prefix reaches the model as a pre-filled KV cache (:mod:`efficientgpt.peft.kv_prefix`): real tokens
 sit at positions ``n .. n+T-1`` and attend to the prefix like to cached past tokens.
 
+``layers`` restricts the prefix to some decoder layers (as the design-space methods of Chen et al., ICLR
+2023, assign prefix tuning to groups of layers): ``P_θ`` then holds keys and values for those layers only
+(``n x (|layers|·2·kv_dim)``). Every layer's cache must hold the same number of tokens, so the other layers
+get ``n`` zero slots that their attention masks out exactly (:func:`kv_prefix.hide_virtual_tokens`, a
+pre-hook on those layers' attention modules): they attend to no prefix. The real tokens still take
+positions ``n ..`` in every layer (a model has one position sequence): on rotary models that is invisible
+(attention sees relative positions only), so a layer before the first prefixed one computes exactly what
+it computes without the prefix; on absolute-position models (GPT-2, OPT) the shift reaches every layer,
+as it does with a prefix on all layers. This needs a 4-D attention mask, i.e. ``eager`` or ``sdpa``
+attention; other implementations are refused at attach.
+
 Departures from the paper and its code:
 
 * The paper used GPT-2 and BART. On rotary-position models (Llama, Qwen2, GPT-NeoX) the prefix keys
@@ -34,6 +45,7 @@ Departures from the paper and its code:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 from torch import nn
@@ -43,7 +55,7 @@ from efficientgpt.config import ConfigBase, field
 from efficientgpt.errors import ConfigError, UserError
 from efficientgpt.models import arch
 from efficientgpt.peft import core
-from efficientgpt.peft.kv_prefix import KVPrefixDelta
+from efficientgpt.peft.kv_prefix import KVPrefixDelta, hide_virtual_tokens
 
 
 @dataclasses.dataclass
@@ -56,11 +68,20 @@ class PrefixTuningConfig(ConfigBase):
     hidden: int = field(512, "hidden width h of the reparametrisation MLP", minimum=1)
     dropout: float = field(0.0, "dropout on the prefix keys and values in training", minimum=0.0, maximum=1.0)
     folded: bool = field(False, "the MLP has been folded into P (set when a delta is saved)", cli=False)
+    layers: list[int] | None = field(None, "only these decoder layers get a prefix; the others attend to none "
+                                           "(default: all)")
 
     def validate(self) -> None:
         super().validate()
         if self.dropout >= 1.0:
             raise ConfigError(f"PrefixTuningConfig.dropout = {self.dropout} must be < 1")
+        if self.layers is not None:
+            try:
+                self.layers = [int(x) for x in self.layers]
+            except (TypeError, ValueError):
+                raise ConfigError(f"PrefixTuningConfig.layers = {self.layers!r} must be a list of layer indices") from None
+            if not self.layers:
+                raise ConfigError("PrefixTuningConfig.layers is empty; give at least one layer, or none for all layers")
 
     @property
     def direct(self) -> bool:
@@ -101,9 +122,10 @@ class PrefixTuningDelta(KVPrefixDelta):
             self.layers = arch.num_layers(self.model)
         except UserError:
             self.layers = self.model.config.num_hidden_layers
+        self.selected = self._selected_layers()
         _, self.kv_heads, self.head_dim = arch.head_dims(self.model)
         d = self.model.config.hidden_size
-        width = self.layers * 2 * self.kv_heads * self.head_dim
+        width = len(self.selected) * 2 * self.kv_heads * self.head_dim
         dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
         reparam = ReparamPrefix(cfg.num_virtual_tokens, d, cfg.hidden, width)
         if cfg.direct:
@@ -111,21 +133,60 @@ class PrefixTuningDelta(KVPrefixDelta):
                 self.modules["prefix"] = DirectPrefix(reparam().to(dtype))
         else:
             self.modules["prefix"] = reparam.to(dtype)
+        for layer in range(self.layers):
+            if layer not in self.selected:
+                self._add_hook(arch.block_module(self.model, layer, "attn"), "pre_kwargs", self._hide_in(layer))
+
+    def _selected_layers(self) -> list[int]:
+        """The layers with a prefix (all, or ``config.layers`` checked against the model)."""
+        cfg: PrefixTuningConfig = self.config
+        if cfg.layers is None:
+            return list(range(self.layers))
+        bad = [i for i in cfg.layers if not -self.layers <= i < self.layers]
+        if bad:
+            raise ConfigError(f"PrefixTuningConfig.layers {bad} out of range: the model has {self.layers} layers "
+                              f"(0..{self.layers - 1})")
+        selected = sorted({i % self.layers for i in cfg.layers})
+        impl = getattr(self.model.config, "_attn_implementation", None) or "eager"
+        if len(selected) < self.layers and impl not in ("eager", "sdpa"):
+            raise UserError(f"prefix tuning on some layers only masks the prefix out of the others' attention, which "
+                            f"needs eager or sdpa attention; this model uses {impl!r} (load it with "
+                            "attn_implementation='sdpa')")
+        return selected
+
+    def _hide_in(self, layer: int):
+        """Pre-hook on the attention of a layer without a prefix: mask this delta's slots out there."""
+        names = [n for n, p in inspect.signature(arch.block_module(self.model, layer, "attn").forward).parameters
+                 .items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+        def hook(mod, args, kwargs):
+            if not self.enabled:
+                return None
+            kwargs = {**kwargs, **dict(zip(names, args))}  # the attention's inputs by name
+            hidden = args[0] if args else kwargs["hidden_states"]  # (B, q, d)
+            additive = getattr(self.model.config, "_attn_implementation", None) == "eager"
+            return (), hide_virtual_tokens(kwargs, self.name, hidden, layer, additive)
+
+        return hook
 
     def prefix(self) -> torch.Tensor:
-        """``P_θ``: (n, L·2·kv_dim), laid out per token as ``[layer][key|value][kv_head][head_dim]``
+        """``P_θ``: (n, |layers|·2·kv_dim), laid out per token as ``[layer][key|value][kv_head][head_dim]``
         (the official code's and HF PEFT's layout)."""
         return self.modules["prefix"]()
 
     def extend_cache(self, cache, batch_size: int):
         P = self.prefix()
-        kv = P.view(self.n, self.layers * 2, self.kv_heads, self.head_dim)  # (n, L·2, kvh, hd)
-        kv = kv.permute(1, 2, 0, 3)  # (L·2, kvh, n, hd)
+        kv = P.view(self.n, len(self.selected) * 2, self.kv_heads, self.head_dim)  # (n, |layers|·2, kvh, hd)
+        kv = kv.permute(1, 2, 0, 3)  # (|layers|·2, kvh, n, hd)
         kv = nn.functional.dropout(kv, self.config.dropout, training=self.model.training)
         cache = cache if cache is not None else self.new_cache()
+        slot = {layer: j for j, layer in enumerate(self.selected)}
         for layer in range(self.layers):
-            k = kv[2 * layer].unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, kvh, n, hd)
-            v = kv[2 * layer + 1].unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, kvh, n, hd)
+            if layer in slot:
+                k = kv[2 * slot[layer]].unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, kvh, n, hd)
+                v = kv[2 * slot[layer] + 1].unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, kvh, n, hd)
+            else:  # a placeholder the layer's attention masks out (_hide_in)
+                k = v = kv.new_zeros(batch_size, self.kv_heads, self.n, self.head_dim)  # (B, kvh, n, hd)
             cache.update(k, v, layer)
         return cache
 
