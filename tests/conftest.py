@@ -17,6 +17,11 @@ os.environ["EFFICIENTGPT_CACHE"] = os.environ.get("EFFICIENTGPT_TEST_CACHE") or 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models run fastest on one thread (no intra-op synchronisation); subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 FAMILIES = ("gpt2", "llama", "opt", "gpt_neox", "qwen2")
 TESTS = Path(__file__).parent

@@ -29,6 +29,8 @@ METHOD_MODULES: tuple[str, ...] = (
     "efficientgpt.peft.compacter",
     "efficientgpt.peft.pst",
     "efficientgpt.peft.s4",
+    "efficientgpt.compress.prune",
+    "efficientgpt.compress.sparsegpt",
     "efficientgpt.compress.quant",
     "efficientgpt.compress.lowrank",
     "efficientgpt.compress.structured",
