@@ -34,6 +34,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "efficientgpt.compress.quant",
     "efficientgpt.compress.lowrank",
     "efficientgpt.compress.structured",
+    "efficientgpt.compress.attention",
     "efficientgpt.peft.adapter",
     "efficientgpt.peft.full",
 )
