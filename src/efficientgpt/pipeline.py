@@ -116,6 +116,7 @@ def tune(model_spec: str, method: str, method_config, data: str = "embedded:code
     from efficientgpt.peft import core
     from efficientgpt.registry import get
     from efficientgpt.train import distributed
+    from efficientgpt.train.losses import causal_lm_loss
     from efficientgpt.train.trainer import Trainer
 
     spec = get(method)
@@ -134,13 +135,16 @@ def tune(model_spec: str, method: str, method_config, data: str = "embedded:code
     if log:
         log(f"{method} on {model_spec}: {counts['trainable']:,} trainable of {counts['total']:,} parameters "
             f"({counts['trainable_pct']:.3f}%)")
+    batches, loss_fn = source.train_batches(train_cfg, dist.rank, dist.world), causal_lm_loss
+    if hasattr(delta, "training_objective"):  # a method's own batches and loss (T-Few's option-level losses)
+        batches, loss_fn = delta.training_objective(source, train_cfg, dist.rank, dist.world)
     trainer = Trainer(
-        model, train_cfg, source.train_batches(train_cfg, dist.rank, dist.world), out_dir=out,
+        model, train_cfg, batches, out_dir=out,
         eval_fn=(lambda m: source.evaluate(m, train_cfg)["loss"]) if dist.is_main else None,
         fingerprint={"data": source.fingerprint, "method": method,
                      "method_config": json.loads(json.dumps(method_config.to_dict(), default=str)),
                      "base": delta.base_fingerprint},
-        dist=dist, step_callbacks=[delta.on_step_begin],
+        dist=dist, step_callbacks=[delta.on_step_begin], loss_fn=loss_fn,
     )
     result = trainer.train(resume=resume)
     summary: dict[str, Any] = {

@@ -22,6 +22,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "efficientgpt.peft.lora",
     "efficientgpt.peft.dylora",
     "efficientgpt.peft.ia3",
+    "efficientgpt.peft.tfew",
     "efficientgpt.peft.bitfit",
     "efficientgpt.peft.prompt_tuning",
     "efficientgpt.peft.prefix_tuning",
