@@ -30,6 +30,7 @@ METHOD_MODULES: tuple[str, ...] = (
     "efficientgpt.peft.compacter",
     "efficientgpt.peft.pst",
     "efficientgpt.peft.s4",
+    "efficientgpt.peft.attempt",
     "efficientgpt.compress.prune",
     "efficientgpt.compress.sparsegpt",
     "efficientgpt.compress.quant",

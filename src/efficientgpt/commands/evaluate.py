@@ -85,6 +85,8 @@ def _run_task(args: argparse.Namespace, out, spec: str, loaded, delta) -> int:
     if args.max_examples is not None and args.max_examples < 1:
         raise UserError(f"--max-examples {args.max_examples} is out of range: must be >= 1")
     source = open_data(args.data, loaded.tokenizer)
+    if delta is not None and hasattr(delta, "bind_data"):
+        delta.bind_data(source)  # multi-task deltas score each task with its own target prompt
     res = source.evaluate_split(loaded.model, args.split, max_examples=args.max_examples or source.eval_examples,
                                 seq_len=args.seq_len, batch_size=args.batch_size or 32)
     result = {**res, "model": loaded.describe(), "data": source.describe(),
