@@ -42,6 +42,9 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seq-len", type=int, default=16)
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (under torchrun)")
+    p.add_argument("--optimizer", default="adamw", help="TrainConfig.optimizer")
+    p.add_argument("--resume-from", default=None, help="resume from this checkpoint directory")
     args = p.parse_args()
     torch.set_num_threads(1)
     dist = distributed.init("cpu")
@@ -57,9 +60,9 @@ def main() -> None:
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, grad_accum=args.accum, seq_len=args.seq_len,
                       lr=args.lr, warmup_steps=2, weight_decay=0.1, log_every=1, save_every=args.save_every,
-                      progress=False, seed=0)
+                      progress=False, seed=0, fsdp=args.fsdp, optimizer=args.optimizer)
     trainer = Trainer(model, cfg, sampler, out_dir=args.out, fingerprint={"data": "synthetic-v1"}, dist=dist)
-    result = trainer.train(resume=args.resume)
+    result = trainer.train(resume=args.resume_from or args.resume)
     if dist.is_main:
         print(json.dumps({"final_loss": result.final_loss, "losses": [c["loss"] for c in result.curve],
                           "resumed_from": result.resumed_from}), flush=True)

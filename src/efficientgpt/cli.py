@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "efficientgpt.commands.evaluate",
     "efficientgpt.commands.tasks",
     "efficientgpt.commands.tune",
+    "efficientgpt.commands.plan",
     "efficientgpt.commands.compress",
     "efficientgpt.commands.delta_tools",
     "efficientgpt.commands.methods",
@@ -41,6 +42,7 @@ examples:
   efficientgpt eval --model embedded --data embedded:code
   efficientgpt methods --json
   efficientgpt tasks --json
+  efficientgpt plan --model llama-7b --method lora --batch 4 --seq 2048
   torchrun --nproc_per_node 2 -m efficientgpt pretrain --model embedded:tiny --out DIR
 
 Run 'efficientgpt COMMAND --help' for a command's options.

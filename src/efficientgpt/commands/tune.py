@@ -24,10 +24,19 @@ examples:
   efficientgpt tune --method dylora --rank 8 --mode frozen --out runs/dylora
   efficientgpt tune --method lora --out D --resume          # continue a killed run from its checkpoint
   torchrun --nproc_per_node 2 -m efficientgpt tune --method lora --out D
+  efficientgpt tune --model embedded:tiny --method lora --quantize nf4 --steps 10 --out Q --json   # QLoRA
+  efficientgpt tune --method full --optimizer adamw8bit --bf16 --gradient-checkpointing --out F8
+  torchrun --nproc_per_node 2 -m efficientgpt tune --model embedded:tiny --method full --fsdp --steps 5 --out F
 
 The default job adapts the embedded prose model to the embedded code domain. The delta is saved in
 --out (delta_config.json + delta.safetensors) with the run's checkpoints, metrics.jsonl and
 result.json; use it with 'eval --delta', 'merge --delta' and 'export --delta'.
+
+Memory options (docs/training.md): --bf16, --gradient-checkpointing, --grad-accum, --optimizer
+adamw8bit|paged_adamw|paged_adamw8bit (bitsandbytes), --quantize nf4 (QLoRA: NF4 base under the
+method; a QLoRA delta loads onto the unquantized base with 'eval --delta' and 'merge'), --fsdp
+(under torchrun: shard parameters, gradients and optimizer states). 'efficientgpt plan' predicts
+the memory of a configuration before it runs.
 """
 
 
@@ -44,6 +53,12 @@ def register(sub) -> None:
                    help="validation tokens scored before and after training (0: all; default: %(default)s)")
     add_device_arg(p)
     add_json_arg(p)
+    p.add_argument("--quantize", choices=("none", "nf4"), default="none",
+                   help="store the base model's decoder linear layers in 4-bit NormalFloat before attaching the "
+                        "method (QLoRA; needs bitsandbytes; default: %(default)s)")
+    p.add_argument("--quantize-compute-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="dtype of the matrix products with NF4 weights (auto: bfloat16 on CUDA, the model's "
+                        "dtype elsewhere)")
     train = p.add_argument_group("training options")
     add_arguments(train, TrainConfig, skip=("save_trainable_only", "progress"),
                   defaults={"steps": 100, "warmup_steps": "min(10, steps/10)", "seq_len": "min(128, context)"})
@@ -68,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     train["progress"] = not args.no_progress and not out.quiet
     summary = pipeline.tune(args.model, args.method, config, data=args.data, out=args.out, train=train,
                             resume=args.resume, eval_tokens=args.eval_tokens or None, device=args.device,
-                            trust_remote_code=args.trust_remote_code, log=out.info)
+                            trust_remote_code=args.trust_remote_code, log=out.info, quantize=args.quantize,
+                            quantize_compute_dtype=args.quantize_compute_dtype)
     if dist.is_main:
         summary = {k: v for k, v in summary.items() if k not in ("delta", "loaded")}
         e, counts, result = summary["eval"], summary["parameters"], summary["train"]

@@ -7,9 +7,12 @@ import dataclasses
 from efficientgpt.config import ConfigBase, field
 from efficientgpt.errors import UserError
 
-#: TrainConfig fields that may change between a run and its resumption.
+#: TrainConfig fields that may change between a run and its resumption (checkpoints hold full tensors
+#: under FSDP too, so a run may switch between one process, DDP and FSDP when it resumes).
 RESUME_FREE_FIELDS = frozenset({"log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
-                                "progress"})
+                                "progress", "fsdp"})
+#: Optimizers of the shared loop: torch AdamW, and bitsandbytes' 8-bit (and paged) AdamW.
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 
 
 @dataclasses.dataclass
@@ -29,6 +32,11 @@ class TrainConfig(ConfigBase):
     max_grad_norm: float = field(1.0, "clip the global gradient norm to this (0 disables)", minimum=0.0)
     bf16: bool = field(False, "bf16 autocast for forward and backward")
     gradient_checkpointing: bool = field(False, "recompute activations in backward to save memory")
+    optimizer: str = field("adamw", "adamw (torch, fp32 states), adamw8bit (bitsandbytes blockwise 8-bit states), "
+                                    "paged_adamw / paged_adamw8bit (bitsandbytes, states in CUDA unified memory "
+                                    "paged to the host under memory pressure; CUDA only)", choices=OPTIMIZERS)
+    fsdp: bool = field(False, "shard parameters, gradients and optimizer states over the torchrun processes "
+                              "(PyTorch FSDP2: each decoder block, then the whole model) instead of DDP")
     eval_every: int = field(0, "evaluate every N steps (0: only at the end)", minimum=0)
     eval_batches: int = field(8, "batches of evaluation windows per evaluation (0: all)", minimum=0)
     log_every: int = field(10, "write a metrics line every N steps", minimum=1)
