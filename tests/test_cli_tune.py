@@ -12,6 +12,8 @@ from efficientgpt import cli, registry
 from efficientgpt.peft import core
 
 PEFT_FORMAT = {"lora", "dylora", "ia3", "prompt_tuning"}
+#: Methods that need more than the defaults: ATTEMPT trains its source prompts first and needs task data.
+EXTRA = {"attempt": (["--train-sources", "2", "--source-tasks", "code_or_prose"], "task:docstring_order")}
 
 
 def _main(capsys, *argv):
@@ -48,10 +50,11 @@ def test_lora_acceptance_commands(tmp_path, tiny_embedded_path):
 @pytest.mark.parametrize("method", [s.name for s in registry.methods("peft")])
 def test_every_method_tunes_evaluates_and_merges(method, tmp_path, capsys, tiny_embedded_path):
     d = tmp_path / "D"
-    res = _main(capsys, "tune", "--model", "embedded:tiny", "--method", method, "--steps", "3",
-                "--batch-size", "4", "--eval-tokens", "2048", "--out", str(d), "--json", "--no-progress")
+    extra, data = EXTRA.get(method, ([], "embedded:code"))
+    res = _main(capsys, "tune", "--model", "embedded:tiny", "--method", method, "--steps", "3", "--data", data,
+                "--batch-size", "4", "--eval-tokens", "2048", "--out", str(d), "--json", "--no-progress", *extra)
     assert res["method"] == method and (d / "delta_config.json").exists()
-    ev = _main(capsys, "eval", "--model", "embedded:tiny", "--delta", str(d), "--data", "embedded:code",
+    ev = _main(capsys, "eval", "--model", "embedded:tiny", "--delta", str(d), "--data", data,
                "--max-tokens", "2048", "--json")
     assert ev["delta"]["method"] == method
     if registry.get(method).mergeable:
