@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "efficientgpt.commands.tune",
     "efficientgpt.commands.plan",
     "efficientgpt.commands.compress",
+    "efficientgpt.commands.distill",
     "efficientgpt.commands.delta_tools",
     "efficientgpt.commands.methods",
     "efficientgpt.survey.cli",
