@@ -256,7 +256,9 @@ def test_every_registered_peft_method_composes_in_one_design():
     cfg = S4Config(preset=None, groups=[{"layers": [0, 1], "strategies": groupable},
                                         {"layers": [3], "strategies": ["lora"]}],
                    model_strategies=model_level,
-                   options={m: {"num_virtual_tokens": 2} for m in ("prefix_tuning", "prompt_tuning")})
+                   options={"prefix_tuning": {"num_virtual_tokens": 2}, "prompt_tuning": {"num_virtual_tokens": 2},
+                            # ATTEMPT's source prompts come from earlier runs; num_sources builds their slots
+                            "attempt": {"num_virtual_tokens": 2, "num_sources": 2}})
     model = tiny_model("llama", layers=4)
     base = _logits(model)
     torch.manual_seed(0)
