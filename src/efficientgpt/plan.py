@@ -469,15 +469,16 @@ def layer_activations(shape: ModelShape, tr: Training, b: Bytes, stream_grad: bo
 
 
 def _lora_constants(shape: ModelShape, tr: Training, b: Bytes) -> int:
-    """Per layer, independent of tokens: a LoRA on a fused projection builds its stacked factors and
-    their scatter indices each forward; under autocast every LoRA factor's 16-bit copy is kept."""
+    """Per layer, independent of tokens: a LoRA on several roles of GPT-NeoX's fused projection (heads
+    interleaved) builds its stacked factors and their scatter indices each forward; GPT-2's roles are
+    contiguous blocks, updated one by one; under autocast every LoRA factor's 16-bit copy is kept."""
     total = 0
     for m, (d_in, d_out) in shape.linears().items():
         roles = [r for r in tr.module_roles(shape, m) if r in tr.lora]
         if not roles:
             continue
         r_sum = tr.rank * len(roles)
-        if m == "qkv" and len(roles) > 1:
+        if m == "qkv" and len(roles) > 1 and shape.family == "gpt_neox":
             width = {"q": shape.hidden, "k": shape.kv_width, "v": shape.kv_width}
             total += 2 * 8 * sum(width[r] * tr.rank for r in roles) + (r_sum * d_in + d_out * r_sum) * b.compute
         elif b.mixed:

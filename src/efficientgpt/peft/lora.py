@@ -118,6 +118,26 @@ class LoraDelta(core.Delta):
 
             return whole
         keys = [self.key_of(t) for t in targets]
+        spans = [_span(t.out_index) for t in targets]
+        if all(span is not None for span in spans):
+            # Each role is a contiguous block of the fused output (GPT-2's c_attn: q, k, v thirds): add each
+            # role's update into its block in place. No zero-padded matrix, no scatter, and the work is
+            # that of one LoRA per role, as for separate q/k/v projections.
+            def blocks(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                if isinstance(out.grad_fn, torch.autograd.function.BackwardCFunction):
+                    out = out.clone()  # a custom autograd Function's output (bitsandbytes 4-bit) is not writable
+                x = self.dropout(x)
+                autocast = torch.is_autocast_enabled(x.device.type)
+                if autocast:  # one low-precision copy of x for every role, not one per role
+                    x = x.to(torch.get_autocast_dtype(x.device.type))
+                for key, (start, stop) in zip(keys, spans):
+                    A, B = self.factors(key)
+                    z = F.linear(x if autocast or x.dtype == A.dtype else x.to(A.dtype), A) * self.scaling(key)  # (..., r)
+                    d = F.linear(z, B)  # (..., stop - start)
+                    out[..., start:stop] += d if d.dtype == out.dtype else d.to(out.dtype)
+                return out
+
+            return blocks
         d_out = arch.linear_shape(targets[0].module)[1]
         index_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -176,6 +196,12 @@ class LoraDelta(core.Delta):
 
     def _unmerge(self) -> None:
         self._fold(-1.0)
+
+
+def _span(index: torch.Tensor) -> tuple[int, int] | None:
+    """``(start, stop)`` when ``index`` is ``start, start + 1, ..., stop - 1``; otherwise ``None``."""
+    start, stop = int(index[0]), int(index[-1]) + 1
+    return (start, stop) if stop - start == index.numel() and bool((index.diff() == 1).all()) else None
 
 
 def apply(model, config: LoraConfig, name: str = "default") -> LoraDelta:
