@@ -314,10 +314,11 @@ def test_training_on_a_target_task_lowers_the_loss_and_raises_accuracy(tiny_embe
 # ---- errors --------------------------------------------------------------------------------------------
 def test_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="no source prompts"):
-        AttemptConfig().validate()
+        AttemptConfig(train_sources=0).validate()
+    assert AttemptConfig().trains_sources  # by default the run trains them, for its own step count
     with pytest.raises(ConfigError, match="both give the source prompts"):
         AttemptConfig(source_prompts=["x"], train_sources=3).validate()
-    with pytest.raises(ConfigError, match="used only with train_sources"):
+    with pytest.raises(ConfigError, match="used only when the source prompts are trained"):
         AttemptConfig(source_prompts=["x"], source_tasks=["copy_words"]).validate()
     with pytest.raises(ConfigError, match="not a task of the suite"):
         AttemptConfig(train_sources=3, source_tasks=["copy_wrds"]).validate()

@@ -62,6 +62,8 @@ class MethodSpec:
     """True when the delta folds into the base weights (merged logits equal unmerged)."""
     calibration: bool = False
     """True when the method needs calibration data (``apply(model, config, windows=...)``)."""
+    task_data: bool = False
+    """True when the method trains only on task data (``task:NAME``), never on plain text."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -27,7 +27,8 @@ pre-filled KV cache (:mod:`efficientgpt.peft.kv_prefix`). The prompt now differs
 runs on ``inputs_embeds = P_instance`` of shape ``(B, n, e)``: one batched pass, not one per row.
 
 Source prompts come from saved ``prompt_tuning`` deltas (``source_prompts``), or are trained in the
-same command (``train_sources`` steps per task of ``source_tasks``, default the suite's source tasks):
+same command (``train_sources`` steps per task of ``source_tasks``, by default the run's step count
+on each of the suite's source tasks):
 :meth:`AttemptDelta.training_objective`, which the pipeline calls before it trains the target,
 trains one prompt per source task with the shared Trainer and freezes it. The source prompts are
 part of the delta's tensors, so a saved delta reloads without the files or the training
@@ -96,9 +97,9 @@ class AttemptConfig(ConfigBase):
     source_prompts: list[str] | None = field(
         None, "saved prompt_tuning deltas (tune --method prompt_tuning --out DIR), one per source task, "
               "comma-separated; the same n and base model as this run")
-    train_sources: int = field(
-        0, "train the source prompts in this command: steps per task of source_tasks, before the target "
-           "training (one command: tune --method attempt --train-sources 100 --data task:TARGET --out D)",
+    train_sources: int | None = field(
+        None, "train the source prompts in this command: steps per task of source_tasks, before the target "
+              "training (default, without source_prompts: the run's --steps; 0: never train them)",
         minimum=0)
     source_tasks: list[str] | None = field(
         None, "suite tasks that train_sources trains a prompt on, comma-separated (default: the suite's source "
@@ -131,19 +132,24 @@ class AttemptConfig(ConfigBase):
         if self.num_sources is None:
             if not self.source_prompts and self.train_sources == 0:
                 raise ConfigError("AttemptConfig has no source prompts: give source_prompts (saved prompt_tuning "
-                                  "deltas) or train_sources > 0 (steps per source task, trained in this run)")
+                                  "deltas) or let train_sources (steps per source task) train them in this run")
             if self.source_prompts and self.train_sources:
                 raise ConfigError(f"AttemptConfig.source_prompts ({len(self.source_prompts)} files) and "
                                   f"train_sources = {self.train_sources} both give the source prompts; choose one")
-            if self.source_tasks and not self.train_sources:
-                raise ConfigError("AttemptConfig.source_tasks is used only with train_sources > 0 (with "
-                                  "source_prompts, the files are the source prompts)")
-        if self.train_sources:
+            if self.source_tasks and (self.source_prompts or self.train_sources == 0):
+                raise ConfigError("AttemptConfig.source_tasks is used only when the source prompts are trained in "
+                                  "this run (with source_prompts, the files are the source prompts)")
+        if self.trains_sources:
             self.source_tasks = _suite_names(self.source_tasks or ["source"], "source_tasks", suite_only=True)
         if self.target_tasks is not None:
             self.target_tasks = _suite_names(self.target_tasks, "target_tasks", suite_only=False)
             if not self.target_tasks:
                 raise ConfigError("AttemptConfig.target_tasks is empty; name the target tasks or leave it unset")
+
+    @property
+    def trains_sources(self) -> bool:
+        """Whether this run trains the source prompts (no files given, no saved ones held)."""
+        return self.num_sources is None and not self.source_prompts and self.train_sources != 0
 
     def temperature_for(self, width: int) -> float:
         return self.attn_temperature if self.attn_temperature is not None else width * math.e
@@ -452,7 +458,7 @@ class AttemptDelta(KVPrefixDelta):
         from efficientgpt.train.trainer import Trainer
 
         cfg: AttemptConfig = self.config
-        steps = cfg.train_sources
+        steps = cfg.train_sources if cfg.train_sources is not None else train_config.steps
         source_cfg = dataclasses.replace(train_config, steps=steps, lr=cfg.source_lr or train_config.lr,
                                          warmup_steps=min(train_config.warmup_steps, steps // 10),
                                          eval_every=0, save_every=0)
@@ -542,5 +548,5 @@ SPEC = registry.register(registry.MethodSpec(
     name="attempt", family="peft", config_cls=AttemptConfig, apply=apply, paper="attempt",
     summary="per-instance attention-weighted mixture of frozen source prompts and a target prompt "
             "(Asai et al., EMNLP 2022)",
-    mergeable=False,
+    mergeable=False, task_data=True,
 ))
