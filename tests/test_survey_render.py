@@ -130,6 +130,9 @@ def test_metric_formatting_and_run_choice():
     better = results.Run("m", Path("c.json"), {"val_ppl": 10.0})
     assert results.best_run([no_ppl, worse, better]) is better
     assert results.best_run([no_ppl]) is no_ppl and results.best_run([]) is None
+    main = results.Run("m", Path("m.json"), {"val_ppl": 200.0})  # the bench's main data: always preferred
+    task = results.Run("m", Path("m-task-x.json"), {"val_ppl": 3.0})
+    assert results.best_run([task, main]) is main
 
 
 def test_layout_toc_and_dataset_index(papers, toy_registered, tmp_path):

@@ -24,6 +24,7 @@ from efficientgpt.errors import UserError
 #: Modules that contribute subcommands, in the order ``--help`` lists them.
 COMMAND_MODULES = (
     "efficientgpt.commands.main_job",
+    "efficientgpt.commands.bench",
     "efficientgpt.commands.pretrain",
     "efficientgpt.commands.evaluate",
     "efficientgpt.commands.tasks",
@@ -38,7 +39,8 @@ COMMAND_MODULES = (
 
 EPILOG = """\
 examples:
-  efficientgpt                                   # the main job on the embedded default
+  efficientgpt                                   # the main job: the default bench on the embedded default
+  efficientgpt bench --quick --out R --json      # every registered method, a few minutes on 2 cores
   efficientgpt pretrain --model embedded:tiny --json
   efficientgpt eval --model embedded --data embedded:code
   efficientgpt methods --json

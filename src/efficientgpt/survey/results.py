@@ -8,9 +8,10 @@ Measured results come from the benchmark harness's JSON files, one run per file:
 
     {"method": "lora", "status": "ok", "metrics": {"val_ppl": 12.3, "trainable_pct": 0.24, ...}, ...}
 
-Only runs with ``"status": "ok"`` count. When a method has several, the one with the lowest
-``val_ppl`` is shown (runs without it rank after those with it; ties go to the first file name), and
-the cell names the file it came from.
+Only runs with ``"status": "ok"`` count. When a method has several, its main run is shown: the one
+whose file is named after the method (``lora.json``: the bench's main data set; perplexities on
+different data do not compare), else the one with the lowest ``val_ppl`` (runs without it rank after
+those with it; ties go to the first file name). The cell names the file it came from.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ class Run:
     metrics: dict[str, Any]
     """The run's ``metrics`` object, as written by the harness."""
 
-    def rank(self) -> tuple[int, float, str]:
+    def rank(self) -> tuple[int, int, float, str]:
+        main = 0 if self.path.stem == self.method else 1
         ppl = _number(self.metrics.get("val_ppl"))
-        return (0, ppl, self.path.name) if ppl is not None else (1, 0.0, self.path.name)
+        return (main, 0, ppl, self.path.name) if ppl is not None else (main, 1, 0.0, self.path.name)
 
 
 def _number(value: Any) -> float | None:
