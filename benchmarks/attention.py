@@ -26,8 +26,9 @@ length, measured on the cache tensors.
 
 Usage:
   python benchmarks/attention.py --small --lengths 64,128 --runs 2             # seconds, to check it works
-  python benchmarks/attention.py --device cuda --out benchmarks/results/attention-cuda.json
-  python benchmarks/attention.py --arch llama --lengths 128,512,2048 --threads 2 --out attention-cpu.json
+  python benchmarks/attention.py --device cuda --out benchmarks/records/attention-cuda.json
+  python benchmarks/attention.py --arch llama --lengths 128,512,2048 --threads 2 \\
+      --out benchmarks/records/attention-cpu.json
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ import json
 import platform
 import statistics
 import time
-from pathlib import Path
+
+from _common import write_json
 
 
 def build(arch: str, small: bool, max_len: int, kv_heads: int | None, dtype, device):
@@ -269,9 +271,7 @@ def main(argv=None) -> int:
                         "config": json.loads(model.config.to_json_string())},
               "available": avail, "backends": backends, "rows": rows, "kv": kv}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
-        print(f"wrote {args.out}")
+        write_json(args.out, result)
     return 0
 
 

@@ -13,7 +13,7 @@ Inference variants (forward, no grad): base, ours unmerged (q, v), ours merged.
 
 Usage:
   python benchmarks/lora_vs_peft.py                    # CPU, prints the table
-  python benchmarks/lora_vs_peft.py --device cuda --steps 20 --out benchmarks/results/lora_vs_peft-cuda.json
+  python benchmarks/lora_vs_peft.py --device cuda --steps 20 --out benchmarks/records/lora_vs_peft-cuda.json
 """
 
 from __future__ import annotations

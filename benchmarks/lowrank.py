@@ -18,7 +18,7 @@ ratio is well above 0.5; the speed ratio is reported next to both parameter rati
 
 Usage:
   python benchmarks/lowrank.py --model embedded:tiny --speed-small --runs 2     # minutes, to check it works
-  python benchmarks/lowrank.py --out benchmarks/results/lowrank-cpu.json         # embedded default + GPT-2 small
+  python benchmarks/lowrank.py --out benchmarks/records/lowrank-cpu.json         # embedded default + GPT-2 small
   python benchmarks/lowrank.py --no-quality --threads 4                          # decode speed only
 """
 
@@ -27,12 +27,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
-import platform
-import statistics
-import tempfile
 import time
-from pathlib import Path
+
+from _common import build_gpt2, csv, environment, file_bytes, random_prompt, time_decode, tokens_per_s, write_json
 
 METHODS = ("svd", "asvd", "svd_llm")
 
@@ -70,55 +67,18 @@ def quality(args) -> dict:
             "dense_parameters": sum(p.numel() for p in base.parameters()), "runs": runs}
 
 
-def build_gpt2(small: bool):
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config
-
-    h, layers, heads, vocab = (128, 2, 4, 2048) if small else (768, 12, 12, 50257)
-    cfg = GPT2Config(n_embd=h, n_layer=layers, n_head=heads, n_inner=4 * h, n_positions=1024, vocab_size=vocab,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).eval()
-
-
-def file_bytes(model) -> int:
-    with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
-        return sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
-
-
-def decode_seconds(model, prompt, new_tokens: int) -> float:
-    import torch
-
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             use_cache=True, pad_token_id=0)
-        dt = time.perf_counter() - t0
-    assert out.shape[1] == prompt.shape[1] + new_tokens
-    return dt
-
-
 def speed(args) -> dict:
-    import torch
-
     from efficientgpt.compress import lowrank
 
     dense = build_gpt2(args.speed_small)
     factored = copy.deepcopy(dense)
     res = lowrank.apply_svd(factored, lowrank.SVDConfig(ratio=0.5))
     variants = {"dense": dense, "svd-0.5": factored}
-    prompt = torch.randint(0, dense.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
-    times = {v: [] for v in variants}
-    for m in variants.values():
-        decode_seconds(m, prompt, args.new_tokens)  # warm-up
-    for _ in range(args.runs):
-        for v, m in variants.items():  # alternate, so drift on a shared machine hits both alike
-            times[v].append(decode_seconds(m, prompt, args.new_tokens))
+    times = time_decode(variants, random_prompt(dense.config.vocab_size, args.prompt), args.new_tokens, args.runs)
     rows = {}
     for v, m in variants.items():
         rows[v] = {"parameters": sum(p.numel() for p in m.parameters()), "file_bytes": file_bytes(m),
-                   "tokens_per_s": args.new_tokens / statistics.median(times[v]), "times_s": times[v]}
+                   "tokens_per_s": tokens_per_s(times[v], args.new_tokens), "times_s": times[v]}
     d, f = rows["dense"], rows["svd-0.5"]
     return {
         "model": "gpt2-small-shape" if not args.speed_small else "gpt2-small-shape (--speed-small: tiny)",
@@ -130,18 +90,14 @@ def speed(args) -> dict:
     }
 
 
-def _csv(s: str) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="embedded", help="model for the quality sweep (default: embedded)")
     p.add_argument("--data", default="embedded:prose", help="perplexity data (validation split)")
-    p.add_argument("--methods", default=",".join(METHODS), type=_csv, help="comma list of svd, asvd, svd_llm")
-    p.add_argument("--ratios", default="0.9,0.8,0.7,0.6,0.5", type=lambda s: [float(x) for x in _csv(s)],
+    p.add_argument("--methods", default=",".join(METHODS), type=csv, help="comma list of svd, asvd, svd_llm")
+    p.add_argument("--ratios", default="0.9,0.8,0.7,0.6,0.5", type=lambda s: [float(x) for x in csv(s)],
                    help="kept-parameter ratios (default: 0.9,0.8,0.7,0.6,0.5)")
-    p.add_argument("--allocations", default="uniform,global", type=_csv, help="comma list of uniform, global")
+    p.add_argument("--allocations", default="uniform,global", type=csv, help="comma list of uniform, global")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: 32)")
     p.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens scored (0: all)")
     p.add_argument("--no-quality", action="store_true", help="skip the perplexity sweep")
@@ -160,9 +116,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = {"benchmark": "lowrank", "settings": vars(args),
-              "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                              "platform": platform.platform(), "processor": platform.processor()}}
+    result = {"benchmark": "lowrank", "settings": vars(args), "environment": environment()}
     if not args.no_quality:
         q = result["quality"] = quality(args)
         cols = [(m, a) for m in args.methods for a in args.allocations]
@@ -189,9 +143,7 @@ def main(argv=None) -> int:
         print(f"speed ratio {s['speed_ratio']:.3f} vs parameter ratio {s['param_ratio']:.3f} (whole model), "
               f"{s['matrix_param_ratio']:.3f} (factored matrices); file ratio {s['file_ratio']:.3f}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
-        print(f"wrote {args.out}")
+        write_json(args.out, result)
     return 0
 
 

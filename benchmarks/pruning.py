@@ -1,17 +1,20 @@
-"""Perplexity vs sparsity for magnitude, Wanda and SparseGPT (unstructured and 2:4), and Wanda vs SparseGPT wall time.
+"""Perplexity vs sparsity for magnitude, Wanda and SparseGPT (unstructured and 2:4); Wanda, SparseGPT, GPTQ wall time.
 
 Quality: every (method, sparsity) point runs the one compression pipeline (``efficientgpt.pipeline.compress``)
 on a fresh copy of the model (the embedded default unless ``--model``), calibrated on embedded prose, and
 scored by perplexity on the held-out prose validation split. 2:4 is one point per method (50 % sparsity).
 
-Speed: Wanda and SparseGPT (50 % unstructured) on a GPT-2-small-shaped model built from config (124M
-parameters, random init: the work does not depend on the weights), calibrated on ``--time-samples``
+Speed: Wanda and SparseGPT (50 % unstructured) and GPTQ (4 bits, its default group size: one scale per
+output channel) on a GPT-2-small-shaped model built from config (124M parameters, random init: the work
+does not depend on the weights), each on a fresh copy of the same model with the same ``--time-samples``
 random windows of ``--time-seq-len`` tokens; the wall time of the compression call (calibration forward
-passes included) and the ratio SparseGPT / Wanda.
+passes included) and the ratios SparseGPT / Wanda and GPTQ / Wanda. SparseGPT and GPTQ share the
+column-by-column OBS update with the inverse-Hessian Cholesky factor, so GPTQ's time is the natural
+yardstick for SparseGPT's.
 
 Usage:
   python benchmarks/pruning.py                                   # embedded default (pretrained on first use)
-  python benchmarks/pruning.py --model embedded:tiny --out benchmarks/results/pruning-tiny.json
+  python benchmarks/pruning.py --model embedded:tiny --out benchmarks/records/pruning-tiny.json
   python benchmarks/pruning.py --no-timing --sparsities 0.5       # one point per method, no timing
   python benchmarks/pruning.py --no-quality --device cuda          # the timing alone, on a GPU
 """
@@ -20,10 +23,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import time
-from pathlib import Path
+
+from _common import gpt2_config, write_json
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -65,19 +68,20 @@ def quality(args) -> dict:
 
 def timing(args) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config
+    from transformers import AutoModelForCausalLM
 
     from efficientgpt.compress.prune import WandaConfig, apply_wanda
+    from efficientgpt.compress.quant import GPTQConfig, apply_gptq
     from efficientgpt.compress.sparsegpt import SparseGPTConfig
     from efficientgpt.compress.sparsegpt import apply as apply_sparsegpt
 
     methods = (("wanda", apply_wanda, WandaConfig(sparsity="0.5")),
-               ("sparsegpt", apply_sparsegpt, SparseGPTConfig(sparsity="0.5")))
+               ("sparsegpt", apply_sparsegpt, SparseGPTConfig(sparsity="0.5")),
+               ("gptq", apply_gptq, GPTQConfig(bits=4)))
     torch.manual_seed(0)
-    cfg = GPT2Config(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = gpt2_config()
     if str(args.device).startswith("cuda"):  # warm-up: CUDA context, cuBLAS/cuSOLVER handles, kernels
-        small = AutoModelForCausalLM.from_config(GPT2Config(**{**cfg.to_dict(), "n_layer": 1})).to(args.device)
+        small = AutoModelForCausalLM.from_config(gpt2_config(n_layer=1)).to(args.device)
         for _, fn, config in methods:
             fn(copy.deepcopy(small), config, windows=torch.randint(0, cfg.vocab_size, (2, 64)))
         del small
@@ -96,10 +100,16 @@ def timing(args) -> dict:
         if str(args.device).startswith("cuda"):
             torch.cuda.synchronize()
         out[f"{name}_s"] = time.perf_counter() - t0
-        out[f"{name}_sparsity"] = res.achieved["sparsity"]
-        print(f"  {name:9s}: {out[f'{name}_s']:.2f} s (sparsity {res.achieved['sparsity']:.4f})", flush=True)
+        if "sparsity" in res.achieved:
+            out[f"{name}_sparsity"] = res.achieved["sparsity"]
+            what = f"sparsity {res.achieved['sparsity']:.4f}"
+        else:
+            out[f"{name}_bits_per_weight"] = res.achieved["bits_per_weight"]
+            what = f"{res.achieved['bits']} bits, {res.achieved['bits_per_weight']:.3f} bits/weight"
+        print(f"  {name:9s}: {out[f'{name}_s']:.2f} s ({what})", flush=True)
         del model
     out["sparsegpt_over_wanda"] = out["sparsegpt_s"] / out["wanda_s"]
+    out["gptq_over_wanda"] = out["gptq_s"] / out["wanda_s"]
     return out
 
 
@@ -126,7 +136,7 @@ def main() -> None:
     p.add_argument("--calib-seq-len", type=int, default=None, help="tokens per window (default: the context)")
     p.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens scored (default: %(default)s)")
     p.add_argument("--no-quality", action="store_true", help="skip the perplexity vs sparsity table")
-    p.add_argument("--no-timing", action="store_true", help="skip the Wanda vs SparseGPT timing")
+    p.add_argument("--no-timing", action="store_true", help="skip the Wanda / SparseGPT / GPTQ timing")
     p.add_argument("--time-samples", type=int, default=8, help="timing calibration windows (default: %(default)s)")
     p.add_argument("--time-seq-len", type=int, default=256, help="timing window length (default: %(default)s)")
     p.add_argument("--device", default="cpu")
@@ -150,12 +160,11 @@ def main() -> None:
         print("wall time to compress, GPT-2-small shape", flush=True)
         result["timing"] = timing(args)
         t = result["timing"]
-        print(f"SparseGPT / Wanda wall time: {t['sparsegpt_over_wanda']:.1f}x "
-              f"({t['sparsegpt_s']:.2f} s vs {t['wanda_s']:.2f} s, windows {t['windows']})")
+        print(f"wall time vs Wanda ({t['wanda_s']:.2f} s, windows {t['windows']}): "
+              f"SparseGPT {t['sparsegpt_over_wanda']:.1f}x ({t['sparsegpt_s']:.2f} s), "
+              f"GPTQ {t['gptq_over_wanda']:.1f}x ({t['gptq_s']:.2f} s)")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

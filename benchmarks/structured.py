@@ -18,38 +18,30 @@ embeddings and the LM head are not pruned).
 Usage:
   python benchmarks/structured.py                          # both models, ratios 0.3 and 0.5
   python benchmarks/structured.py --small --runs 2         # seconds: tiny shapes, to check it works
-  python benchmarks/structured.py --threads 4 --out benchmarks/results/structured-cpu.json
+  python benchmarks/structured.py --threads 4 --out benchmarks/records/structured-cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
-import statistics
-import sys
-import tempfile
-import time
-from pathlib import Path
+
+from _common import build_gpt2, environment, file_bytes, random_prompt, time_decode, tokens_per_s, write_json
 
 
 def build(name: str, small: bool):
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    h, layers, heads = (128, 2, 4) if small else (768, 12, 12)
     if name == "gpt2":
-        cfg = GPT2Config(n_embd=h, n_layer=layers, n_head=heads, n_inner=4 * h, n_positions=1024,
-                         vocab_size=2048 if small else 50257, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                         bos_token_id=0 if small else 50256, eos_token_id=0 if small else 50256)
-    elif name == "llama":
-        cfg = LlamaConfig(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
-                          num_key_value_heads=heads, intermediate_size=2048 * h // 768,
-                          vocab_size=2048 if small else 32000, max_position_embeddings=1024,
-                          tie_word_embeddings=False)
-    else:
+        return build_gpt2(small)
+    if name != "llama":
         raise SystemExit(f"unknown model {name!r}; choose gpt2 or llama")
+    h, layers, heads = (128, 2, 4) if small else (768, 12, 12)
+    cfg = LlamaConfig(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=heads, intermediate_size=2048 * h // 768,
+                      vocab_size=2048 if small else 32000, max_position_embeddings=1024,
+                      tie_word_embeddings=False)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg).eval()
 
@@ -58,24 +50,6 @@ def block_parameters(model) -> int:
     from efficientgpt.models import arch
 
     return sum(p.numel() for p in arch.blocks(model).parameters())
-
-
-def file_bytes(model) -> int:
-    with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
-        return sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
-
-
-def decode_seconds(model, prompt, new_tokens: int) -> float:
-    import torch
-
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             use_cache=True, pad_token_id=0)
-        dt = time.perf_counter() - t0
-    assert out.shape[1] == prompt.shape[1] + new_tokens
-    return dt
 
 
 def main(argv=None) -> int:
@@ -106,19 +80,12 @@ def main(argv=None) -> int:
             res = structured.apply(m, structured.StructuredConfig(ratio=r, importance="magnitude",
                                                                   prune_heads=name != "gpt2"))
             variants[f"structured-{r:g}"] = (m, res.achieved)
-        vocab = dense.config.vocab_size
-        prompt = torch.randint(0, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0))
-        times = {v: [] for v in variants}
-        for m, _ in variants.values():
-            decode_seconds(m, prompt, args.new_tokens)  # warm-up
-        for run in range(args.runs):
-            for v, (m, _) in variants.items():  # alternate, so drift on a shared machine hits all alike
-                times[v].append(decode_seconds(m, prompt, args.new_tokens))
-                print(f"  {name} {v} run {run + 1}/{args.runs}: {args.new_tokens / times[v][-1]:.1f} tok/s",
-                      file=sys.stderr, flush=True)
+        times = time_decode({v: m for v, (m, _) in variants.items()},
+                            random_prompt(dense.config.vocab_size, args.prompt), args.new_tokens, args.runs,
+                            label=f"{name} ")
         base = None
         for v, (m, achieved) in variants.items():
-            tps = args.new_tokens / statistics.median(times[v])
+            tps = tokens_per_s(times[v], args.new_tokens)
             row = {
                 "model": name, "variant": v, "parameters": sum(p.numel() for p in m.parameters()),
                 "block_parameters": block_parameters(m), "file_bytes": file_bytes(m), "tokens_per_s": tps,
@@ -145,14 +112,9 @@ def main(argv=None) -> int:
               f"{r['speed_ratio']:>7.2f}")
     if args.out:
         result = {
-            "benchmark": "structured", "settings": vars(args),
-            "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                            "platform": platform.platform(), "processor": platform.processor()},
-            "rows": rows,
+            "benchmark": "structured", "settings": vars(args), "environment": environment(), "rows": rows,
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        write_json(args.out, result)
     return 0
 
 
