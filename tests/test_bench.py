@@ -196,6 +196,10 @@ def test_task_runs_and_a_task_only_method(world, tmp_path):
     assert "accuracy" in runs["base"]["metrics"]["quality"]["task:kv_lookup"]
     text = report.render_report(report.load_runs(out)[0])
     assert "### Adaptation to `task:kv_lookup` (validation split)" in text and "| attempt | peft |" in text
+    # without the task, the baseline (which scores every data of the bench) reruns; the methods' runs are reused
+    again = runner.run_bench(_cfg(world, tasks=[], steps=2, seq_len=64, latency_tokens=0), out,
+                             methods=["attempt", "bitfit"])
+    assert {o.name: o.reused for o in again} == {"base": False, "attempt": True, "bitfit": True}
 
 
 def test_rerun_skips_force_reruns_and_changed_settings_rerun(world, tmp_path):
