@@ -106,8 +106,13 @@ def _exp(x: float | None) -> float | None:
 def tune(model_spec: str, method: str, method_config, data: str = "embedded:code", out: str | Path | None = None,
          train: dict[str, Any] | TrainConfig | None = None, resume: bool = False, eval_tokens: int | None = 65536,
          device: str = "auto", trust_remote_code: bool = False, log: Callable[[str], None] | None = None,
-         loaded=None, quantize: str = "none", quantize_compute_dtype: str = "auto") -> dict[str, Any]:
+         loaded=None, quantize: str = "none", quantize_compute_dtype: str = "auto",
+         source: DataSource | None = None) -> dict[str, Any]:
     """Attach ``method`` to ``model_spec``, train it on ``data`` and save the delta to ``out``.
+
+    ``loaded`` and ``source`` let a caller that runs many jobs on one model and one data set (the
+    benchmark harness) pass them already loaded: ``source`` must be ``open_data(data,
+    loaded.tokenizer, eval_tokens)``.
 
     Returns the run summary (also written to ``out/result.json``): parameter counts, delta bytes,
     training curve and speed, and the validation metrics before and after training.
@@ -142,7 +147,8 @@ def tune(model_spec: str, method: str, method_config, data: str = "embedded:code
     if quantize != "none" and train_cfg.fsdp:
         raise UserError("fsdp cannot shard a 4-bit quantized (QLoRA) base model: drop --fsdp (one process or "
                         "DDP) or --quantize")
-    source = open_data(data, loaded.tokenizer, eval_tokens)
+    if source is None:
+        source = open_data(data, loaded.tokenizer, eval_tokens)
     quantization = None
     unquantized_fingerprint = None
     if quantize == "nf4":

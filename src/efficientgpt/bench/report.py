@@ -10,18 +10,19 @@ what lies between them (appending the section at the end of the file the first t
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 from efficientgpt.bench import schema
+from efficientgpt.bench.schema import number as _num
+from efficientgpt.registry import FAMILIES
 
 START = "<!-- bench-results:start -->"
 END = "<!-- bench-results:end -->"
 REPORT = "report.md"
 PLOTS = {"quality": "quality_vs_trainable.png", "curves": "loss_curves.png", "compression": "compression.png"}
-_FAMILIES = ("baseline", "peft", "prune", "lowrank", "quant", "distill", "attention", "training")
+_FAMILIES = ("baseline", *FAMILIES)
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -56,12 +57,6 @@ def sort_key(run: dict[str, Any]) -> tuple:
 
 
 # ---- formatting ---------------------------------------------------------------------------------
-def _num(x: Any) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-        return None
-    return float(x)
-
-
 def fmt_ppl(x: Any) -> str:
     x = _num(x)
     return "—" if x is None else (f"{x:,.2f}" if x < 1e5 else f"{x:.3g}")
@@ -432,7 +427,13 @@ def plot(runs: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     ok = [r for r in runs if r["status"] == "ok"]
     base = _base(runs)
     written = []
-    meta = {"Software": None}  # no version stamp: the same results give the same file
+
+    def save(fig, kind: str) -> None:
+        path = out_dir / PLOTS[kind]
+        fig.tight_layout()
+        fig.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: same results, same file
+        plt.close(fig)
+        written.append(path)
 
     if _plot_has_data("quality", runs):
         # One panel per evaluation data: perplexities on different data do not share a scale.
@@ -459,10 +460,7 @@ def plot(runs: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
             ax.set_ylabel("validation perplexity")
             ax.set_title(f"{data}: quality vs trainable parameters (red squares: HF PEFT)", fontsize=9)
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out_dir / PLOTS["quality"], dpi=110, metadata=meta)
-        plt.close(fig)
-        written.append(out_dir / PLOTS["quality"])
+        save(fig, "quality")
 
     if _plot_has_data("curves", runs):
         curved = [r for r in ok if r["curves"].get("train")]
@@ -482,10 +480,7 @@ def plot(runs: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
             ax.set_title(f"{data}: training loss (dashed: HF PEFT, coloured as ours)", fontsize=9)
             ax.legend(fontsize=6, ncol=2)
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out_dir / PLOTS["curves"], dpi=110, metadata=meta)
-        plt.close(fig)
-        written.append(out_dir / PLOTS["curves"])
+        save(fig, "curves")
 
     if _plot_has_data("compression", runs):
         comp = [r for r in ok if r["kind"] == "compress" and _num(r["metrics"].get("val_ppl"))]
@@ -509,10 +504,7 @@ def plot(runs: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
             ax.grid(alpha=0.3)
         axes[0].set_title("Perplexity vs sparsity", fontsize=10)
         axes[1].set_title("Perplexity vs compression ratio", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(out_dir / PLOTS["compression"], dpi=110, metadata=meta)
-        plt.close(fig)
-        written.append(out_dir / PLOTS["compression"])
+        save(fig, "compression")
     return written
 
 

@@ -31,7 +31,6 @@ included): on CUDA ``max_memory_allocated``, on CPU the bytes in use by the C al
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import datetime
@@ -227,15 +226,6 @@ def _load_average() -> float | None:
         return None
 
 
-def _text_fingerprints(spec: str) -> tuple[str | None, str | None]:
-    """sha256 of the train and validation text of a plain-text data spec (None for tasks)."""
-    if spec.startswith("task:"):
-        return None, None
-    from efficientgpt.data import sources
-
-    return sources.load_text(spec, "train").fingerprint, sources.load_text(spec, "validation").fingerprint
-
-
 def run_key(item: Planned, cfg: BenchConfig, model_fp: dict[str, Any]) -> str:
     from efficientgpt.cache import stable_hash
 
@@ -344,9 +334,7 @@ class Bench:
         self._sources: dict[str, Any] = {}
         self._env = None
         self._base_bytes: int | None = None
-        from efficientgpt import pipeline
-
-        self._open_data = pipeline.open_data
+        self._fingerprints: dict[str, tuple[str | None, str | None]] = {}
 
     # -- shared objects, built on first use --
     @property
@@ -373,32 +361,22 @@ class Bench:
     def source(self, data: str):
         """The opened data source of ``data`` (opened once per bench, shared by every run)."""
         if data not in self._sources:
-            self._sources[data] = self._open_data(data, self.base.tokenizer, self.cfg.eval_tokens)
+            from efficientgpt.pipeline import open_data
+
+            self._sources[data] = open_data(data, self.base.tokenizer, self.cfg.eval_tokens)
         return self._sources[data]
 
-    @contextlib.contextmanager
-    def shared_sources(self):
-        """Let ``pipeline.tune`` use the bench's open data sources instead of reopening them.
+    def fingerprints(self, data: str) -> tuple[str | None, str | None]:
+        """sha256 of the train and validation text of a plain-text data spec (None for tasks), once per bench."""
+        if data not in self._fingerprints:
+            if data.startswith("task:"):
+                self._fingerprints[data] = (None, None)
+            else:
+                from efficientgpt.data import sources
 
-        ``tune`` opens its data itself; reading and tokenizing the corpus again inside every run would
-        count towards that run's wall time and peak memory, and not towards a PEFT reference run's,
-        which trains on the bench's source directly. Within this context ``pipeline.open_data`` returns
-        the bench's source for the bench's tokenizer and evaluation budget (anything else opens as usual).
-        """
-        from efficientgpt import pipeline
-
-        original = pipeline.open_data
-
-        def open_data(spec, tokenizer, eval_tokens=65536):
-            if tokenizer is self.base.tokenizer and eval_tokens == self.cfg.eval_tokens:
-                return self.source(spec)
-            return original(spec, tokenizer, eval_tokens)
-
-        pipeline.open_data = open_data
-        try:
-            yield
-        finally:
-            pipeline.open_data = original
+                self._fingerprints[data] = (sources.load_text(data, "train").fingerprint,
+                                            sources.load_text(data, "validation").fingerprint)
+        return self._fingerprints[data]
 
     def train_overrides(self, method: str) -> dict[str, Any]:
         d = {"steps": self.cfg.steps, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed,
@@ -484,7 +462,7 @@ def _record(bench: Bench, item: Planned, key: str) -> dict[str, Any]:
     eval_spec = item.data
     train_sha = eval_sha = None
     if item.data is not None:
-        train_sha, eval_sha = _text_fingerprints(item.data)
+        train_sha, eval_sha = bench.fingerprints(item.data)
         if item.data.startswith("task:"):
             train_sha = bench.source(item.data).fingerprint
     tc = None
@@ -525,7 +503,7 @@ def run_baseline(bench: Bench, item: Planned, rec: dict[str, Any]) -> None:
     artifact = bench.base_file_bytes()
     main = quality[bench.cfg.data]
     rec["data"]["eval"] = bench.cfg.data
-    rec["data"]["eval_sha256"] = _text_fingerprints(bench.cfg.data)[1]
+    rec["data"]["eval_sha256"] = bench.fingerprints(bench.cfg.data)[1]
     rec["metrics"] = {
         "val_loss": main["loss"], "val_ppl": main["ppl"], "accuracy": main["accuracy"],
         "trainable_params": 0, "trainable_pct": 0.0, "total_params": bench.model_fingerprint()["parameters"],
@@ -541,13 +519,13 @@ def run_tune(bench: Bench, item: Planned, rec: dict[str, Any]) -> None:
 
     loaded = bench.fresh()
     base_params = bench.model_fingerprint()["parameters"]
-    bench.source(item.data)  # opened before the measurement, as for every other run
+    source = bench.source(item.data)  # opened before the measurement, as for every other run
     t0 = time.perf_counter()
-    with bench.artifacts(item.name) as tmp, bench.shared_sources():
+    with bench.artifacts(item.name) as tmp:
         with PeakMemory(bench.device) as mem:
             s = pipeline.tune(bench.cfg.model, item.method, item.config, data=item.data, out=tmp,
                               train=bench.train_overrides(item.method), eval_tokens=bench.cfg.eval_tokens,
-                              device=bench.cfg.device, loaded=loaded)
+                              device=bench.cfg.device, loaded=loaded, source=source)
         artifact = _file_bytes(Path(tmp), "delta*")
     wall = time.perf_counter() - t0
     model, delta = s["loaded"].model, s["delta"]

@@ -177,6 +177,13 @@ def validate(run: Any) -> None:
         raise ValueError(f"benchmark run {name!r} does not match the schema:\n  " + "\n  ".join(found))
 
 
+def number(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number (not a bool); otherwise ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def finite(value: Any) -> Any:
     """``value`` with non-finite floats (NaN, inf) replaced by ``None``, recursively (JSON has no NaN)."""
     if isinstance(value, dict):

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from efficientgpt.bench.schema import number
 
 #: Where ``render`` looks for run files unless ``--results`` says otherwise (relative to the cwd).
 DEFAULT_RESULTS_DIR = Path("benchmarks") / "results"
@@ -41,14 +42,10 @@ class Run:
 
     def rank(self) -> tuple[int, int, float, str]:
         main = 0 if self.path.stem == self.method else 1
-        ppl = _number(self.metrics.get("val_ppl"))
+        ppl = number(self.metrics.get("val_ppl"))
         return (main, 0, ppl, self.path.name) if ppl is not None else (main, 1, 0.0, self.path.name)
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def load_runs(results_dir: Path | str | None) -> tuple[dict[str, list[Run]], list[str]]:
@@ -85,13 +82,13 @@ def best_run(runs: list[Run]) -> Run | None:
 def format_metrics(metrics: dict[str, Any]) -> str:
     """``ppl 12.3 · acc 0.853 · 0.24% trainable`` from whichever metrics the run has."""
     parts = []
-    if (ppl := _number(metrics.get("val_ppl"))) is not None:
+    if (ppl := number(metrics.get("val_ppl"))) is not None:
         parts.append(f"ppl {ppl:.1f}")
-    if (acc := _number(metrics.get("accuracy"))) is not None:
+    if (acc := number(metrics.get("accuracy"))) is not None:
         parts.append(f"acc {acc:.3g}")
-    if (pct := _number(metrics.get("trainable_pct"))) is not None:
+    if (pct := number(metrics.get("trainable_pct"))) is not None:
         parts.append(f"{pct:.3g}% trainable")
-    elif (n := _number(metrics.get("trainable_params"))) is not None:
+    elif (n := number(metrics.get("trainable_params"))) is not None:
         parts.append(f"{_count(n)} trainable params")
     return " · ".join(parts)
 
