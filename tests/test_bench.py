@@ -202,6 +202,13 @@ def test_task_runs_and_a_task_only_method(world, tmp_path):
     assert {o.name: o.reused for o in again} == {"base": False, "attempt": True, "bitfit": True}
 
 
+def test_unknown_task_fails_before_any_run_is_written(world, tmp_path):
+    out = tmp_path / "R"
+    with pytest.raises(UserError, match="unknown task 'kv_lookpu'.*kv_lookup"):
+        runner.run_bench(_cfg(world, tasks=["kv_lookpu"]), out, methods=["lora"])
+    assert not out.exists()
+
+
 def test_rerun_skips_force_reruns_and_changed_settings_rerun(world, tmp_path):
     out = tmp_path / "R"
     first = runner.run_bench(_cfg(world), out, methods=["ia3"])
