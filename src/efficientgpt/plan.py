@@ -259,7 +259,14 @@ def load_shape(spec: str, trust_remote_code: bool = False) -> ModelShape:
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(path if looks_local else spec, trust_remote_code=trust_remote_code)
+        from efficientgpt import hub
+
+        source = path if looks_local else spec
+        if not looks_local and hub.unreachable():
+            source = hub.cached_snapshot(spec)
+            if source is None:
+                raise OSError(f"not in the local Hugging Face cache, and {hub.unreachable_reason()}")
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"could not read the config of {spec!r} ({first}); presets: {', '.join(PRESETS)}") from None

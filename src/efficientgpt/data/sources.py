@@ -102,6 +102,7 @@ def _load_hf(name: str, split: str) -> str:
         if local is not None:
             ds = _load_local_hf_dir(datasets, local, split)
         else:
+            require_hub(f"dataset 'hf:{name}{'/' + config if config else ''}'")
             ds = datasets.load_dataset(name, config, split=_HF_SPLITS[split])
     except UserError:
         raise
@@ -113,6 +114,20 @@ def _load_hf(name: str, split: str) -> str:
     if column is None:
         raise UserError(f"dataset 'hf:{name}' has no text column (columns: {', '.join(ds.column_names)})")
     return "\n\n".join(ds[column])
+
+
+def require_hub(what: str) -> None:
+    """Fail at once, instead of after a minute of retries, when ``what`` needs an unreachable hub.
+
+    ``datasets`` has no cache-only switch per call, so the way to a cached copy without network is
+    the libraries' own offline mode, which this error names.
+    """
+    from efficientgpt import hub
+
+    if hub.unreachable():
+        raise UserError(f"{what} needs the hub, but {hub.unreachable_reason()}; for a copy already in the "
+                        "datasets cache set HF_HUB_OFFLINE=1, or give a local directory in the hub layout "
+                        "(hf:PATH with {split}-*.parquet/.jsonl/.txt files)")
 
 
 def _load_local_hf_dir(datasets, path: str, split: str):

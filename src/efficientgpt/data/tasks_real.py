@@ -145,7 +145,14 @@ def hub_benchmark(name: str) -> Task:
     """A benchmark from the Hugging Face hub (needs network on first use, then the datasets cache)."""
     bench = BENCHMARKS[name]
     datasets = _datasets()
-    return _task(bench, name, lambda split: datasets.load_dataset(bench.hub, bench.config, split=split),
+
+    def load(split: str):
+        from efficientgpt.data.sources import require_hub
+
+        require_hub(f"benchmark {name!r} ({bench.hub}/{bench.config})")
+        return datasets.load_dataset(bench.hub, bench.config, split=split)
+
+    return _task(bench, name, load,
                  f"benchmark {name!r} ({bench.hub}/{bench.config})")
 
 

@@ -1,7 +1,9 @@
 """Load any Hugging Face causal LM by hub id or local directory, or the embedded default.
 
 Weights load from safetensors only (``use_safetensors=True``; a checkpoint shipped only as pickled
-``.bin`` files is refused). ``trust_remote_code`` stays off unless the caller sets it.
+``.bin`` files is refused). ``trust_remote_code`` stays off unless the caller sets it. Where the hub
+cannot be reached, a hub id loads from the local Hugging Face cache without network retries
+(``efficientgpt.hub``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 
+from efficientgpt import hub
 from efficientgpt.errors import UserError
 
 EMBEDDED_PREFIX = "embedded"
@@ -76,7 +79,17 @@ def load_model(spec: str, trust_remote_code: bool = False, device: str | torch.d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(spec, progress=progress)
+    where = "local directory" if os.path.isdir(path) else "hub id"
     kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if not os.path.isdir(path) and hub.unreachable():
+        snapshot = hub.cached_snapshot(path)
+        if snapshot is None:
+            raise UserError(
+                f"could not load model {spec!r} (hub id): it is not in the local Hugging Face cache and "
+                f"{hub.unreachable_reason()}. Expected a cached hub id, a directory written by "
+                "save_pretrained with safetensors weights, or embedded[:tiny]"
+            )
+        path = snapshot
     if dtype is not None:
         kwargs["dtype"] = dtype
     from efficientgpt.compress.io import load_compressed, read_manifest
@@ -88,7 +101,6 @@ def load_model(spec: str, trust_remote_code: bool = False, device: str | torch.d
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
-        where = "local directory" if os.path.isdir(path) else "hub id"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
             f"could not load model {spec!r} ({where}): {first}. Expected a hub id reachable from this "
