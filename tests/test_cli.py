@@ -80,3 +80,12 @@ def test_torchrun_pretrain_acceptance(tmp_path, tiny_embedded_path):
 def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "efficientgpt", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and "efficientgpt" in proc.stdout
+
+
+def test_a_closed_pipe_ends_quietly():
+    # `efficientgpt survey list | head -1`: the reader is gone before the listing is written.
+    proc = subprocess.Popen([sys.executable, "-m", "efficientgpt", "survey", "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141 and "Traceback" not in err, err

@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("efficientgpt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`efficientgpt survey list | head`): stop quietly, as other Unix
+        # tools do, and point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, the status a shell reports for a tool killed by a closed pipe
     finally:
         _shutdown_distributed()
     return int(code or 0)
