@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import threading
 import time
@@ -79,7 +80,7 @@ def test_statuses(server):
     assert (got["missing"].status, got["missing"].code, got["missing"].error) == ("dead", 404, "HTTP 404")
     assert (got["moved"].status, got["moved"].final_url) == ("redirected", f"{server}/ok")
     assert (got["nohead"].status, got["nohead"].method) == ("ok", "GET")
-    assert got["slow"].status == "dead" and got["slow"].code is None and "timed out" in got["slow"].error
+    assert got["slow"].status == "unreachable" and got["slow"].code is None and "timed out" in got["slow"].error
     assert got["flaky"].status == "ok" and Handler.hits["HEAD /flaky"] == 2  # retried after the 503
     assert got["forbidden"].status == "blocked"
     assert Handler.hits["HEAD /missing"] == 1  # a 404 is final: no retries
@@ -133,14 +134,42 @@ papers:
     assert run("--json") == 1
     out = capsys.readouterr()
     data = json.loads(out.out)
-    assert data["counts"] == {"ok": 1, "redirected": 1, "blocked": 0, "dead": 1}
+    assert data["counts"] == {"ok": 1, "redirected": 1, "blocked": 0, "dead": 1, "unreachable": 0}
     assert {r["url"]: r["papers"] for r in data["links"]}[f"{server}/missing"] == ["bad-paper"]
     assert data["cache"] == str(tmp_path / "cachedir" / "survey-links.json")
     assert (tmp_path / "cachedir" / "survey-links.json").exists()
     assert run("good-paper", "--no-cache") == 0
     human = capsys.readouterr().out
     assert f"redirected {server}/moved (good-paper) -> {server}/ok" in human
-    assert "1 ok, 1 redirected, 0 blocked, 0 dead" in human
+    assert "1 ok, 1 redirected, 0 blocked, 0 dead, 0 unreachable" in human
+
+
+def test_no_answer_is_unreachable_not_dead_and_is_not_cached(tmp_path, capsys, monkeypatch):
+    with socket.socket() as sock:  # a port nobody listens on: the connection is refused
+        sock.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{sock.getsockname()[1]}/paper"
+    cache = tmp_path / "links.json"
+    (res,) = links.check_links([nobody], timeout=TIMEOUT, retries=1, backoff=0.01, cache_path=cache)
+    assert (res.status, res.code) == ("unreachable", None) and "refused" in res.error.lower()
+    assert json.loads(cache.read_text(encoding="utf-8")) == {}
+
+    papers = tmp_path / "papers.yaml"
+    papers.write_text(f"""\
+papers:
+  - id: lost-paper
+    title: "Lost Paper"
+    venue: ICLR
+    year: 2020
+    categories: [pruning]
+    url: {nobody}
+""", encoding="utf-8")
+    parser = argparse.ArgumentParser(prog="efficientgpt")
+    survey_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["survey", "check-links", "--papers", str(papers), "--timeout", str(TIMEOUT),
+                              "--retries", "0", "--no-cache"])
+    assert args.func(args) == 1
+    human = capsys.readouterr().out
+    assert "0 dead, 1 unreachable" in human and "may have no network access" in human
 
 
 def test_links_of_collects_each_url_once():

@@ -114,6 +114,28 @@ def test_registered_implementation_renders_impl_link_and_best_run(papers, toy_re
     assert lib == "- Toy Library, <ins>GitHub, 2023</ins> [[Code](https://github.com/example/lib)]"
 
 
+def test_modules_link_framework_entries_and_unknown_modules_are_errors(toy_registered, tmp_path):
+    path = tmp_path / "papers.yaml"
+    path.write_text(PAPERS.replace("    code: https://github.com/example/lib\n",
+                                   "    code: https://github.com/example/lib\n    modules: [efficientgpt.peft.core]\n"),
+                    encoding="utf-8")
+    survey = store.load(path)
+    assert survey.paper("toy-library").modules == ("efficientgpt.peft.core",)
+    text = render(survey, results_dir=tmp_path / "none", out_path=tmp_path / "SURVEY.md")
+    lib = next(ln for ln in text.splitlines() if ln.startswith("- Toy Library"))
+    assert lib.endswith("[[Code](https://github.com/example/lib)] [[Impl](src/efficientgpt/peft/core.py)]")
+
+    path.write_text(PAPERS.replace("    code: https://github.com/example/lib\n",
+                                   "    code: https://github.com/example/lib\n"
+                                   "    modules: [efficientgpt.peft.nothing, os.path]\n"), encoding="utf-8")
+    _, problems = store.check(path)
+    assert [p.message for p in problems if "module" in p.message] == [
+        "paper 'toy-library': module 'efficientgpt.peft.nothing' does not exist (no file nothing.py in the package)",
+        "paper 'toy-library': module 'os.path' must be a dotted module name of this package, e.g. "
+        "'efficientgpt.peft.core'",
+    ]
+
+
 def test_no_results_directory_means_no_measured_cell(papers, toy_registered, tmp_path):
     text = render(store.load(papers), results_dir=tmp_path / "missing", out_path=tmp_path / "SURVEY.md")
     assert "· measured:" not in text and "[[Impl](src/efficientgpt/survey/results.py)]" in text
@@ -203,7 +225,7 @@ def test_query_commands(capsys):
     code, out, _ = run(["list", "--category", "quantization", "--dataset", "wikitext-2", "--json"], capsys)
     assert {"gptq", "awq"} <= {p["id"] for p in json.loads(out)["papers"]}
     code, out, _ = run(["list", "--implemented", "--json"], capsys)
-    assert json.loads(out)["count"] == sum(1 for p in store.load().papers if p.implementation)
+    assert json.loads(out)["count"] == sum(1 for p in store.load().papers if p.implementation or p.modules)
     code, out, _ = run(["show", "sparsegpt", "--json"], capsys)
     assert json.loads(out)["paper"]["arxiv"] == "2301.00774"
     code, _, err = run(["show", "sparsegtp"], capsys)

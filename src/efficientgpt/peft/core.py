@@ -1,7 +1,10 @@
 """The delta protocol: attach a method to any causal LM without editing model code.
 
 A *delta* is what a parameter-efficient method adds to a frozen model: its own tensors, and forward
-hooks that use them. Nothing in the model is replaced, so ``isinstance`` checks, GPT-2's ``Conv1D``,
+hooks that use them. The word and the unified view of addition-, specification- and
+reparameterisation-based methods come from delta tuning (Ding et al., "Parameter-efficient
+Fine-tuning of Large-scale Pre-trained Language Models", Nature Machine Intelligence 2023, and its
+OpenDelta library). Nothing in the model is replaced, so ``isinstance`` checks, GPT-2's ``Conv1D``,
 gradient checkpointing and generation keep working, and removing a delta restores the model exactly.
 
 * The tensors of every delta live in one ``nn.ModuleDict`` registered on the model as

@@ -8,7 +8,9 @@ raises :class:`~efficientgpt.errors.UserError`; the main CLI prints it and exits
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,7 @@ def _filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--year", metavar="YEAR[-YEAR]", help="only papers from this year or range (2022, 2021-2023)")
     p.add_argument("--dataset", metavar="NAME", help="only papers reporting on this dataset or benchmark")
     p.add_argument("--implemented", action="store_true",
-                   help="only papers with an implementation in this repository")
+                   help="only papers with an implementation (a method or a module) in this repository")
 
 
 def register(sub) -> None:
@@ -76,8 +78,9 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_list)
 
     p = _parser(ss, "search", "search entries by text and filters",
-                "Find entries whose id, title, authors, notes or tags contain every word of TEXT "
-                "(case-insensitive), optionally narrowed by the filters.",
+                "Find entries whose id, title, authors, tags, notes or implementing methods contain every "
+                "word of TEXT (case-insensitive), optionally narrowed by the filters. Best matches first: "
+                "a word in the id or title counts more than one in the tags, authors or notes.",
                 "  efficientgpt survey search lora\n  efficientgpt survey search 'weight quantization' --json\n"
                 "  efficientgpt survey search attention --venue ICLR --year 2020-2024")
     p.add_argument("text", metavar="TEXT", help="words to look for")
@@ -112,6 +115,8 @@ def register(sub) -> None:
     p.add_argument("--tag", action="append", default=[], help="keyword (repeat)")
     p.add_argument("--notes", help="free-text notes")
     p.add_argument("--implementation", action="append", default=[], help="registry method implementing it")
+    p.add_argument("--module", action="append", default=[],
+                   help="module of this package implementing it without being a method (efficientgpt.peft.core)")
     p.set_defaults(func=cmd_add)
 
     p = _parser(ss, "validate", "check the data: schema, vocabularies, duplicates, order",
@@ -148,8 +153,9 @@ def register(sub) -> None:
 
     p = _parser(ss, "check-links", "check that paper and code links still resolve",
                 "Check every link (or those of the given ids/category) concurrently: HEAD, then GET on "
-                "405/501, redirects followed, retries with backoff. Results are cached (not dead ones). "
-                "Exit status 1 when a link is dead.",
+                "405/501, redirects followed, retries with backoff. Each link is ok, redirected, blocked "
+                "(the server refused the checker), dead (an error answer) or unreachable (no answer). "
+                "Failed links are never cached. Exit status 1 when a link is dead or unreachable.",
                 "  efficientgpt survey check-links\n  efficientgpt survey check-links lora dylora --no-cache\n"
                 "  efficientgpt survey check-links --category quantization --json")
     p.add_argument("ids", nargs="*", metavar="ID", help="only these papers' links")
@@ -213,6 +219,7 @@ def select(survey, args, text: str | None = None) -> list:
     years = _year_range(getattr(args, "year", None))
     words = text.lower().split() if text else []
     out = []
+    scores: dict[str, int] = {}
     for p in survey.papers:
         if cats is not None and not cats.intersection(p.categories):
             continue
@@ -222,14 +229,45 @@ def select(survey, args, text: str | None = None) -> list:
             continue
         if dataset and dataset.lower() not in {d.lower() for d in p.datasets}:
             continue
-        if getattr(args, "implemented", False) and not p.implementation:
+        if getattr(args, "implemented", False) and not (p.implementation or p.modules):
             continue
         if words:
-            hay = " ".join([p.id, p.title, *p.authors, p.notes or "", *p.tags]).lower()
-            if not all(w in hay for w in words):
+            score = relevance(p, words)
+            if score is None:
                 continue
+            scores[p.id] = score
         out.append(p)
+    if words:
+        out.sort(key=lambda p: -scores[p.id])  # stable: equal scores keep file order
     return out
+
+
+# Where a search word is found says how much the entry is about it: the paper's own id or title
+# outranks a tag, which outranks an author name or a passing mention in the notes.
+_FIELD_WEIGHTS = (("id", 5), ("title", 4), ("implementation", 3), ("tags", 3), ("authors", 2), ("notes", 1))
+
+
+def relevance(p, words: Sequence[str]) -> int | None:
+    """Score of ``p`` for lower-case ``words`` (None when a word is missing from every field).
+
+    Each word counts the weight of the best field that contains it, plus 2 where it is a whole word
+    of the title and 10 where it is the paper's id itself, so ``search lora`` lists LoRA before the
+    papers that merely mention it.
+    """
+    fields = {"id": p.id, "title": p.title, "implementation": " ".join((*p.implementation, *p.modules)),
+              "tags": " ".join(p.tags), "authors": " ".join(p.authors), "notes": p.notes or ""}
+    fields = {k: v.lower() for k, v in fields.items()}
+    total = 0
+    for w in words:
+        best = max((weight for name, weight in _FIELD_WEIGHTS if w in fields[name]), default=None)
+        if best is None:
+            return None
+        if re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", fields["title"]):
+            best += 2
+        if w == fields["id"]:
+            best += 10
+        total += best
+    return total
 
 
 def _line(p) -> str:
@@ -265,6 +303,8 @@ def cmd_show(args) -> int:
         from efficientgpt.survey.results import implementation_paths
 
         d["implementation_paths"] = implementation_paths(paper.implementation)
+    if paper.modules:
+        d["module_paths"] = [f"src/{m.replace('.', '/')}.py" for m in paper.modules]
     bib = bibtex.entry(paper, survey.taxonomy)
     lines = []
     for key, value in d.items():
@@ -299,7 +339,7 @@ def cmd_add(args) -> int:
         "id": args.id, "title": args.title, "authors": args.author, "venue": args.venue, "year": args.year,
         "categories": args.category, "url": args.url, "arxiv": args.arxiv, "doi": args.doi,
         "code": args.code, "datasets": args.dataset, "tags": args.tag, "notes": args.notes,
-        "implementation": args.implementation,
+        "implementation": args.implementation, "modules": args.module,
     }  # fmt: skip
     required = ("id", "title", "venue", "year", "categories")
     missing = [k for k in required if not fields[k]]
@@ -440,7 +480,9 @@ def cmd_check_links(args) -> int:
         detail = r.final_url if r.status == "redirected" else r.error
         lines.append(f"{r.status:<10} {r.url} ({', '.join(by_url[r.url])}){' -> ' + detail if detail else ''}")
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
+    if results and counts["unreachable"] == len(results):
+        lines.append("no server answered at all: this machine may have no network access")
     out.result({"counts": counts, "cache": str(cache) if cache else None,
                 "links": [{**r.to_dict(), "papers": by_url[r.url]} for r in results]},
                human="\n".join(lines))
-    return 1 if counts["dead"] else 0
+    return 1 if any(counts[s] for s in links.FAILED) else 0

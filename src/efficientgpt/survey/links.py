@@ -1,17 +1,21 @@
-"""``survey check-links``: find dead and moved links.
+"""``survey check-links``: find dead, unreachable and moved links.
 
 Each URL gets a HEAD request (cheap: no body), retried as GET when the server answers 405 or 501
 because some servers do not implement HEAD. Redirects are followed by hand so the report can say
 where a link now points. Timeouts, connection errors, 429 and 5xx answers are retried with
-exponential backoff; other 4xx answers are final. Results that are not dead are cached in a JSON
-file for ``ttl`` seconds so repeated runs stay fast and polite; dead links are always re-checked.
+exponential backoff; other 4xx answers are final. Results that did not fail are cached in a JSON
+file for ``ttl`` seconds so repeated runs stay fast and polite; failed links are always re-checked.
 
 Statuses:
 
 ``ok``          2xx without redirects
 ``redirected``  2xx after one or more redirects (``final_url`` says where)
 ``blocked``     401/403/429 after retries: the server refused the checker; the link may still work
-``dead``        any other 4xx/5xx, too many redirects, a timeout or a connection error
+``dead``        the server answered 404, 410 or any other 4xx/5xx, or redirected in circles
+``unreachable`` no answer at all after retries: a timeout, a refused connection or an unknown host
+
+A host that never answers may be gone for good, but a machine without network sees every link so,
+which is why ``unreachable`` is kept apart from ``dead``. Neither is cached.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from efficientgpt.survey.schema import Paper
 USER_AGENT = "efficientgpt-survey-check-links/0.1"
 DEFAULT_TTL = 7 * 24 * 3600
 MAX_REDIRECTS = 10
-STATUSES = ("ok", "redirected", "blocked", "dead")
+STATUSES = ("ok", "redirected", "blocked", "dead", "unreachable")
+FAILED = ("dead", "unreachable")
+"""Statuses that fail the check and are never cached."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +54,7 @@ class LinkResult:
     final_url: str | None = None
     """Where the redirects ended (only for ``redirected``)."""
     error: str | None = None
-    """Why the link is dead or blocked, in words."""
+    """Why the link is dead, unreachable or blocked, in words."""
     method: str = "HEAD"
     """The request method that produced the final answer."""
     checked_at: float = 0.0
@@ -120,7 +126,8 @@ def _check_once(url: str, timeout: float) -> LinkResult:
                 code, location = _request(current, method, timeout)
         except (TimeoutError, OSError, ValueError) as err:
             reason = getattr(err, "reason", err)
-            return LinkResult(url, "dead", None, None, f"{type(err).__name__}: {reason}", method, time.time())
+            return LinkResult(url, "unreachable", None, None, f"{type(err).__name__}: {reason}", method,
+                              time.time())
         if code in (301, 302, 303, 307, 308) and location:
             hops += 1
             if hops > MAX_REDIRECTS:
@@ -169,7 +176,7 @@ def check_links(
     todo = []
     for url in dict.fromkeys(urls):
         hit = cache.get(url)
-        if isinstance(hit, dict) and now - float(hit.get("checked_at", 0)) < ttl and hit.get("status") != "dead":
+        if isinstance(hit, dict) and now - float(hit.get("checked_at", 0)) < ttl and hit.get("status") not in FAILED:
             fields = {f.name for f in dataclasses.fields(LinkResult)}
             results[url] = LinkResult(**{k: v for k, v in hit.items() if k in fields and k != "cached"}, cached=True)
         else:
@@ -182,7 +189,7 @@ def check_links(
     if cache_path is not None:
         for url in todo:
             res = results[url]
-            if res.status == "dead":
+            if res.status in FAILED:
                 cache.pop(url, None)
             else:
                 cache[url] = {k: v for k, v in res.to_dict().items() if k != "cached"}

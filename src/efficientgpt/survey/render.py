@@ -122,6 +122,8 @@ def render_entry(paper: Paper, runs, out_dir: Path, lookup=None) -> str:
         parts.append(f"[[Code]({paper.code})]")
     if paper.unlinked:
         parts.append("*(publication not located; listed as cited)*")
+    for name in paper.modules:
+        parts.append(f"[[Impl](src/{name.replace('.', '/')}.py)]")
     if paper.implementation:
         for path in implementation_paths(paper.implementation, lookup):
             parts.append(f"[[Impl]({path})]")

@@ -17,6 +17,7 @@ import datetime
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -166,6 +167,9 @@ class Paper:
     """Corrections, provenance, anything a reader should know."""
     implementation: tuple[str, ...] = ()
     """Registry method names implementing the paper in this repository (YAML: a name or a list)."""
+    modules: tuple[str, ...] = ()
+    """Modules of this package that implement the work without being a registered method (a
+    framework or a tool, e.g. ``efficientgpt.peft.core`` for delta tuning); dotted names."""
     unlinked: bool = False
     """True for an entry kept as cited although no publication could be located."""
     line: int | None = None
@@ -201,9 +205,24 @@ class Paper:
 #: The fields a paper entry may carry, in the order ``add`` writes them.
 PAPER_FIELDS = (
     "id", "title", "authors", "venue", "year", "categories", "url", "arxiv", "doi", "code",
-    "datasets", "tags", "notes", "implementation", "unlinked",
+    "datasets", "tags", "notes", "implementation", "modules", "unlinked",
 )  # fmt: skip
 REQUIRED_FIELDS = ("id", "title", "year", "categories")
+
+
+def module_file(name: str) -> Path:
+    """The source file of the dotted module ``name`` of this package (which may not exist)."""
+    package_dir = Path(__file__).resolve().parents[1]  # .../efficientgpt
+    return package_dir.joinpath(*name.split(".")[1:]).with_suffix(".py")
+
+
+def module_problem(name: str) -> str | None:
+    """Why ``name`` is not a module of this package (None when it is); nothing is imported."""
+    if not re.fullmatch(r"efficientgpt(\.[a-z_][a-z0-9_]*)+", name):
+        return "must be a dotted module name of this package, e.g. 'efficientgpt.peft.core'"
+    if not module_file(name).is_file():
+        return f"does not exist (no file {module_file(name).name} in the package)"
+    return None
 
 
 def sort_key(paper: Paper, taxonomy: Taxonomy) -> tuple[int, int, str]:
@@ -457,7 +476,7 @@ def _parse_paper(node: Any, index: int, taxonomy: Taxonomy, col: _Collector) -> 
         if value is None:
             return ()
         if isinstance(value, str):
-            value = [value] if key == "implementation" else None
+            value = [value] if key in ("implementation", "modules") else None
         if not isinstance(value, Sequence) or not all(isinstance(v, str) and v.strip() for v in value):
             bad(key, f"{key!r} must be a list of non-empty strings, got {node.get(key)!r}")
             ok = False
@@ -523,13 +542,17 @@ def _parse_paper(node: Any, index: int, taxonomy: Taxonomy, col: _Collector) -> 
             bad("tags", f"tag {tag!r} must be kebab-case (e.g. 'low-rank')")
     notes = text("notes")
     implementation = names("implementation")
+    modules = names("modules")
+    for name in modules:
+        if (why := module_problem(name)):
+            bad("modules", f"module {name!r} {why}")
 
     if not ok or not isinstance(pid, str) or not title or not categories or not isinstance(year, int):
         return None
     return Paper(
         id=pid, title=title, year=year, categories=categories, venue=venue, authors=authors, url=url,
         arxiv=arxiv, doi=doi, code=code, datasets=datasets, tags=tags, notes=notes,
-        implementation=implementation, unlinked=bool(unlinked), line=line,
+        implementation=implementation, modules=modules, unlinked=bool(unlinked), line=line,
     )
 
 
