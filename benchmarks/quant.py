@@ -20,13 +20,14 @@ each, and the median tokens/s is reported with the file size (safetensors writte
 The speed ratio to dense sits next to the byte ratio, with the inference path each variant ran (the note
 ``efficientgpt.compress.quant`` reports: on the CPU in float32 the packed weights are dequantized on the fly,
 and that is what the speed measures, not an integer kernel). ``--dtype bfloat16`` runs every variant in bfloat16, where per-channel
-int8 goes through torch's int8 weight-only kernel (``torch._weight_int8pack_mm``).
+int8 goes through torch's int8 weight-only kernel (``torch._weight_int8pack_mm``) and int4 through its packed
+int4 kernel (``torch._weight_int4pack_mm_for_cpu``).
 
 Usage:
   python benchmarks/quant.py --model embedded:tiny --bits 4 --speed-small --runs 2    # < 1 min, to check it works
   python benchmarks/quant.py --out benchmarks/records/quant-cpu.json                  # embedded default + GPT-2 small
   python benchmarks/quant.py --no-quality --threads 4                                 # decode speed only
-  python benchmarks/quant.py --no-quality --dtype bfloat16                            # the int8 kernel's path
+  python benchmarks/quant.py --no-quality --dtype bfloat16                            # the int8 and int4 kernels
 """
 
 from __future__ import annotations

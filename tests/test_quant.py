@@ -13,7 +13,15 @@ from efficientgpt import cli
 from efficientgpt.compress import quant
 from efficientgpt.compress.calibration import run_block, run_sequential
 from efficientgpt.compress.io import save_compressed
-from efficientgpt.compress.quant import GPTQConfig, QuantLinear, RTNConfig, gptq_quantize, pack, unpack
+from efficientgpt.compress.quant import (
+    INT4PACK_MAX_ROWS,
+    GPTQConfig,
+    QuantLinear,
+    RTNConfig,
+    gptq_quantize,
+    pack,
+    unpack,
+)
 from efficientgpt.compress.quant_grid import QuantGrid
 from efficientgpt.errors import ConfigError, UserError
 from efficientgpt.models import arch
@@ -137,6 +145,43 @@ def test_quantlinear_kernels_agree_with_the_dequantized_weight():
     ref = x @ q.dequantized_weight().T + b
     torch.testing.assert_close(q(x.bfloat16()).float(), ref, rtol=0.02, atol=0.05)
     assert q.kernel(torch.float32) == "rowscale" and q.kernel(torch.float16) == "dequant"
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no int4 CPU kernel")
+@pytest.mark.parametrize("bits, g, sym", [(4, 32, False), (4, None, True), (3, 64, False), (2, None, False),
+                                          (4, 128, True)])
+def test_int4_kernel_agrees_with_the_dequantized_weight(bits, g, sym):
+    W = torch.randn(48, 256, generator=_gen(8))
+    b = torch.randn(48, generator=_gen(9))
+    grid = QuantGrid(bits, sym, g, scale_dtype=torch.float16)
+    q = QuantLinear.from_codes(*grid.encode(W), grid, b)
+    ref = lambda x: x.float() @ q.dequantized_weight().T + b  # noqa: E731
+
+    def close(y, r):  # bfloat16 activations and scales: errors of bfloat16 rounding, a fraction of the output scale
+        assert (y.float() - r).abs().max() <= 0.01 * r.abs().max()
+
+    x = torch.randn(2, 3, 256, generator=_gen(10)).bfloat16()
+    assert q.kernel(torch.bfloat16, rows=6) == "int4pack" and q.kernel(torch.float32) != "int4pack"
+    close(q(x), ref(x))
+    # Codes are shifted so that the kernel's bfloat16 offset vanishes wherever an integer shift can absorb it.
+    if bits < 4 or sym:
+        assert q._int4pack()[1][..., 1].eq(0).all()
+    long = torch.randn(1, INT4PACK_MAX_ROWS + 1, 256, generator=_gen(11)).bfloat16()
+    assert q.kernel(torch.bfloat16, rows=INT4PACK_MAX_ROWS + 1) in ("dequant", "rowscale")
+    close(q(long), ref(long))
+    # The kernel's copy of the codes follows changes to the stored codes and scales.
+    before = q.dequantized_weight()
+    q.scales.mul_(2)
+    close(q(x), x.float() @ (2 * before).T + b)
+    # No derivative exists for the packed kernel: an input that needs a gradient takes the dequantizing path.
+    xg = x.clone().requires_grad_()
+    assert q.kernel(torch.bfloat16, rows=6, grad=True) in ("dequant", "rowscale")
+    q(xg).sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad.float()).all()
+    # A group size the kernel lacks, d_in that no kernel group divides, or d_out not in blocks of 16 dequantizes.
+    assert QuantLinear(256, 16, 4, 16, False, False).kernel(torch.bfloat16) == "dequant"
+    assert QuantLinear(48, 16, 4, None, True, False).kernel(torch.bfloat16) == "rowscale"
+    assert QuantLinear(256, 40, 4, 32, False, False).kernel(torch.bfloat16) == "dequant"
 
 
 # ---- GPTQ ----------------------------------------------------------------------------------------

@@ -47,6 +47,12 @@ matmul output instead of the weight (one fewer full-size pass). Symmetric per-ch
 bfloat16 activations run ``torch._weight_int8pack_mm``, torch's int8 weight-only CPU kernel: on a 768x3072
 layer it took 0.22 ms per token vs 1.26 ms for dequantize+matmul in bfloat16, but in float32 it is a slow
 fallback (2.1 ms for one token, 1 s for 512, vs 0.34 ms and 27 ms), so float32 keeps the dequantizing path.
+Codes of 4 bits or fewer with bfloat16 activations run ``torch._weight_int4pack_mm_for_cpu`` on a copy of the
+codes in the kernel's own packing, built on first use (the stored ``qweight`` stays the file format, so the
+layer then holds its codes twice). On a 3072x768 layer with groups of 32 it took 0.08 ms for one token vs
+4.3 ms for dequantize+matmul and 0.15 ms for the dense bfloat16 matmul; it loses to dequantize+matmul above
+about 128 token rows (14 ms vs about 10 ms for 512), so longer prefills dequantize. In float32 the kernel
+does not run (it wants bfloat16 scales and activations).
 torchao 0.18 (installs on torch 2.13 CPU) was measured too: its int8 weight-only CPU linear casts the int8
 weight to the activation dtype and calls ``mm``, i.e. dequantizes on the fly like this module, so it is not used.
 """
@@ -67,6 +73,12 @@ from efficientgpt.compress.report import CompressionResult, parameter_bytes
 from efficientgpt.config import ConfigBase, field
 from efficientgpt.errors import ConfigError, UserError
 from efficientgpt.models import arch
+
+_HAS_INT4PACK = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+    torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+#: Up to this many token rows the int4 CPU kernel beats dequantize + matmul (decoding, short prompts);
+#: above it, for long prefills, dequantizing once and one dense matmul is faster (module docstring).
+INT4PACK_MAX_ROWS = 128
 
 #: Bits of storage per code: 3-bit codes take a 4-bit slot (two per byte) so every code sits in one byte.
 CONTAINER_BITS = {2: 2, 3: 4, 4: 4, 8: 8}
@@ -170,20 +182,76 @@ class QuantLinear(nn.Module):
         """``Ŵ = scale · (q - zero)``, ``(d_out, d_in)``."""
         return self.grid.dequantize(self.codes(), self.scales.float(), self.zero_points()).to(dtype)
 
-    def kernel(self, dtype: torch.dtype) -> str:
-        """Which path :meth:`forward` takes for activations of ``dtype`` (see the module docstring)."""
-        if self.group_size is None and self.bits == 8 and self.symmetric and dtype == torch.bfloat16 \
-                and hasattr(torch, "_weight_int8pack_mm") and self.qweight.device.type == "cpu":
+    def kernel(self, dtype: torch.dtype, rows: int = 1, grad: bool = False) -> str:
+        """Which path :meth:`forward` takes for ``rows`` token rows of ``dtype`` (see the module docstring).
+
+        ``grad``: the input needs a gradient. torch's packed kernels have no derivative, so a layer that
+        gradients flow through (a method trained on top of the quantized model) dequantizes instead.
+        """
+        packed = not grad and dtype == torch.bfloat16 and self.qweight.device.type == "cpu"
+        if packed and self.group_size is None and self.bits == 8 and self.symmetric \
+                and hasattr(torch, "_weight_int8pack_mm"):
             return "int8pack"
+        if packed and rows <= INT4PACK_MAX_ROWS and self._int4pack_group() is not None:
+            return "int4pack"
         if self.group_size is None and dtype in (torch.float32, torch.float64, torch.bfloat16):
             return "rowscale"  # float16 would risk overflow in the unscaled integer matmul
         return "dequant"
 
+    def _int4pack_group(self) -> int | None:
+        """The group size the int4 CPU kernel runs this layer with, or None where it cannot.
+
+        The kernel computes ``(q - 8) · s + m`` per group of 32, 64, 128 or 256 input columns. Codes of
+        4 bits or fewer fit its nibbles; a per-channel grid is the grouped one with its scale repeated,
+        so it runs with the largest kernel group that divides ``d_in``.
+        """
+        if self.bits > 4 or self.qweight.device.type != "cpu" or not _HAS_INT4PACK or self.out_features % 16:
+            return None  # the kernel's packing takes output rows in blocks of 16
+        sizes = (256, 128, 64, 32) if self.group_size is None else (self.group_size,)
+        return next((g for g in sizes if g in (32, 64, 128, 256) and self.in_features % g == 0), None)
+
+    def _int4pack(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(packed codes, ``(d_in/g, d_out, 2)`` bf16 scales and offsets, g) for the int4 CPU kernel.
+
+        ``Ŵ = s·(q - z) = s·(q' - 8) + m`` with shifted codes ``q' = q + t`` and offset ``m = (8 - z - t)·s``.
+        The kernel keeps ``m`` in bfloat16, and a rounded offset is an error shared by the whole group, so
+        each group is shifted by the integer ``t`` nearest ``8 - z`` that keeps ``q'`` in ``[0, 15]``: for
+        codes of 3 bits or fewer and for symmetric 4-bit grids ``t = 8 - z`` always fits and ``m = 0``
+        exactly; only asymmetric 4-bit groups that use all 16 codes keep a (rounded) offset.
+        Built on first use and rebuilt when the codes or scales change; not saved (``qweight`` is the
+        stored form).
+        """
+        key = (self.qweight._version, self.scales._version, self.scales.dtype,
+               None if self.zeros is None else self.zeros._version)
+        cached = getattr(self, "_int4pack_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        g = self._int4pack_group()
+        repeat = 1 if self.group_size else self.in_features // g
+        scale = self.scales.float().repeat_interleave(repeat, dim=1)  # (d_out, G), G = d_in/g
+        zero = self.zero_points().repeat_interleave(repeat, dim=1)  # (d_out, G)
+        codes = self.codes().to(torch.int32).view(self.out_features, -1, g)  # (d_out, G, g)
+        lo, hi = codes.amin(-1), codes.amax(-1)  # (d_out, G)
+        shift = torch.minimum(torch.maximum(8 - zero.round().to(torch.int32), -lo), 15 - hi)  # (d_out, G)
+        shifted = (codes + shift[..., None]).view(self.out_features, self.in_features)  # in [0, 15]
+        offset = (8 - zero - shift) * scale  # (d_out, G)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(shifted, 1)
+        scales_and_offsets = torch.stack([scale, offset], dim=-1)  # (d_out, G, 2)
+        value = (packed, scales_and_offsets.transpose(0, 1).contiguous().to(torch.bfloat16), g)
+        self._int4pack_cache = (key, value)
+        return value
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.kernel(x.dtype)
+        rows = x.numel() // self.in_features
+        kernel = self.kernel(x.dtype, rows, grad=torch.is_grad_enabled() and x.requires_grad)
         if kernel == "int8pack":
             x2 = x.reshape(-1, self.in_features).contiguous()  # (rows, d_in)
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scales[:, 0].to(x.dtype))
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        elif kernel == "int4pack":
+            packed, scales_and_offsets, g = self._int4pack()
+            x2 = x.reshape(-1, self.in_features).contiguous()  # (rows, d_in)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, g, scales_and_offsets)
             y = y.reshape(*x.shape[:-1], self.out_features)
         elif kernel == "rowscale":
             if self.bits == 8 and self.zeros is None:
@@ -305,16 +373,26 @@ def _bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def _kernel_note(model: nn.Module, config: RTNConfig) -> str:
+def _kernel_note(model: nn.Module, layers: list[QuantLinear]) -> str:
+    """How the quantized layers run decoding (one token row) with the model's activation dtype."""
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    probe = QuantLinear(8, 8, config.bits, config.group_size or None, config.symmetric, False)
-    kernel = probe.kernel(dtype)
     dtype_name = str(dtype).replace("torch.", "")
-    if kernel == "int8pack":
-        return f"int8 weight-only via torch._weight_int8pack_mm ({dtype_name} activations)"
-    how = "per-row scale on the matmul output" if kernel == "rowscale" else "scale on the weight"
-    return (f"dequantized on the fly in QuantLinear.forward ({dtype_name} activations: unpack -> q - zero -> "
-            f"F.linear, {how}); torchao is not used")
+    kinds = {q.kernel(dtype) for q in layers}
+    notes = []
+    if "int8pack" in kinds:
+        notes.append(f"int8 weight-only via torch._weight_int8pack_mm ({dtype_name} activations)")
+    if "int4pack" in kinds:
+        notes.append(f"packed int4 via torch._weight_int4pack_mm_for_cpu ({dtype_name} activations, up to "
+                     f"{INT4PACK_MAX_ROWS} token rows; longer prefills dequantize on the fly)")
+    for kind in ("rowscale", "dequant"):
+        if kind in kinds:
+            how = "per-row scale on the matmul output" if kind == "rowscale" else "scale on the weight"
+            notes.append(f"dequantized on the fly in QuantLinear.forward ({dtype_name} activations: unpack -> "
+                         f"q - zero -> F.linear, {how}); torchao is not used")
+    if len(kinds) > 1:
+        counts = {k: sum(q.kernel(dtype) == k for q in layers) for k in sorted(kinds)}
+        notes.append("layers per path: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
+    return "; ".join(notes)
 
 
 def _result(method: str, model: nn.Module, config: RTNConfig, replaced: dict[str, tuple[int, QuantLinear]],
@@ -349,7 +427,7 @@ def _result(method: str, model: nn.Module, config: RTNConfig, replaced: dict[str
     for name, (b, q) in replaced.items():
         per_layer.setdefault(name, {}).update({"shape": [q.out_features, q.in_features], "bytes_before": b,
                                                "bytes_after": q.storage_bytes()})
-    notes = [_kernel_note(model, config)]
+    notes = [_kernel_note(model, [q for _, q in replaced.values()])]
     if config.bits == 3:
         notes.append("3-bit codes are stored in 4-bit slots (two per byte)")
     return CompressionResult(method=method, achieved=achieved, modules=modules, per_layer=per_layer, notes=notes)
