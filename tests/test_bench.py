@@ -222,6 +222,15 @@ def test_rerun_skips_force_reruns_and_changed_settings_rerun(world, tmp_path):
     assert _load(out / "ia3.json")["bench"]["steps"] == 4
 
 
+def test_run_key_counts_the_processes_only_when_there_are_several(world):
+    cfg = _cfg(world)
+    item = next(i for i in runner.plan(cfg, "all", ["ia3"]) if i.method == "ia3")
+    fp = {"spec": "m", "config_sha256": "0" * 64, "parameters": 1}
+    one = runner.run_key(item, cfg, fp)
+    assert runner.run_key(item, cfg, fp, world=1) == one  # single-process keys (committed results) unchanged
+    assert runner.run_key(item, cfg, fp, world=2) not in (one, runner.run_key(item, cfg, fp, world=4))
+
+
 def test_interrupted_bench_resumes_and_failed_runs_are_retried(world, tmp_path, monkeypatch):
     out = tmp_path / "R"
     methods = ["ia3", "lora", "bitfit"]  # run in family/name order: bitfit, ia3, lora

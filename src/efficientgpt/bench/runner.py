@@ -226,16 +226,24 @@ def _load_average() -> float | None:
         return None
 
 
-def run_key(item: Planned, cfg: BenchConfig, model_fp: dict[str, Any]) -> str:
+def run_key(item: Planned, cfg: BenchConfig, model_fp: dict[str, Any], world: int = 1) -> str:
+    """Hash of everything that determines a run's result; a run whose key changed is run again.
+
+    ``world``: the number of processes. Data-parallel training reaches the same losses, but step time and
+    memory are per process, so a bench under ``torchrun`` does not reuse timings measured with another
+    number of processes. One process adds nothing to the hash, so single-process keys are unchanged.
+    """
     from efficientgpt.cache import stable_hash
 
-    return stable_hash({"schema": schema.SCHEMA_VERSION, "name": item.name, "method": item.method,
-                        "kind": item.kind, "config": item.config_dict(), "data": item.data,
-                        "model": [model_fp["spec"], model_fp["config_sha256"], model_fp["parameters"]],
-                        "settings": cfg.key_settings(), "lr": lr_for(item.method.split(":")[-1], cfg),
-                        # the baseline scores every evaluation data of the bench, the tasks among them
-                        "tasks": cfg.tasks if item.kind == "baseline" else None},
-                       n=24)
+    fields = {"schema": schema.SCHEMA_VERSION, "name": item.name, "method": item.method,
+              "kind": item.kind, "config": item.config_dict(), "data": item.data,
+              "model": [model_fp["spec"], model_fp["config_sha256"], model_fp["parameters"]],
+              "settings": cfg.key_settings(), "lr": lr_for(item.method.split(":")[-1], cfg),
+              # the baseline scores every evaluation data of the bench, the tasks among them
+              "tasks": cfg.tasks if item.kind == "baseline" else None}
+    if world > 1:
+        fields["world_size"] = world
+    return stable_hash(fields, n=24)
 
 
 def lr_for(method: str, cfg: BenchConfig) -> float:
@@ -706,7 +714,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, suite: str = "all", methods: li
     fp = bench.model_fingerprint()
     decisions = []
     for item in items:
-        key = run_key(item, cfg, fp)
+        key = run_key(item, cfg, fp, bench.dist.world)
         path = out / f"{item.name}.json"
         old = None if force else load_existing(path)
         reuse = old is not None and old.get("status") in ("ok", "skipped") and old.get("key") == key
