@@ -99,6 +99,19 @@ def test_cache_skips_fresh_results_and_rechecks_dead_ones(server, tmp_path):
     assert not expired[0].cached and Handler.hits["HEAD /ok"] == 2
 
 
+def check_links_cli(papers, *argv) -> int:
+    """``efficientgpt survey check-links --papers PAPERS ARGV`` through the survey parser; the exit status."""
+    parser = argparse.ArgumentParser(prog="efficientgpt")
+    survey_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["survey", "check-links", "--papers", str(papers), "--timeout", str(TIMEOUT),
+                              "--retries", "0", *argv])
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(err, file=sys.stderr)
+        return 1
+
+
 def test_cli_reports_and_exits_1_on_dead_links(server, tmp_path, capsys, monkeypatch):
     papers = tmp_path / "papers.yaml"
     papers.write_text(f"""\
@@ -121,15 +134,7 @@ papers:
     monkeypatch.setenv("EFFICIENTGPT_CACHE", str(tmp_path / "cachedir"))
 
     def run(*argv):
-        parser = argparse.ArgumentParser(prog="efficientgpt")
-        survey_cli.register(parser.add_subparsers(dest="command"))
-        args = parser.parse_args(["survey", "check-links", "--papers", str(papers), "--timeout", str(TIMEOUT),
-                                  "--retries", "0", *argv])
-        try:
-            return args.func(args)
-        except UserError as err:
-            print(err, file=sys.stderr)
-            return 1
+        return check_links_cli(papers, *argv)
 
     assert run("--json") == 1
     out = capsys.readouterr()
@@ -154,20 +159,9 @@ def test_no_answer_is_unreachable_not_dead_and_is_not_cached(tmp_path, capsys, m
     assert json.loads(cache.read_text(encoding="utf-8")) == {}
 
     papers = tmp_path / "papers.yaml"
-    papers.write_text(f"""\
-papers:
-  - id: lost-paper
-    title: "Lost Paper"
-    venue: ICLR
-    year: 2020
-    categories: [pruning]
-    url: {nobody}
-""", encoding="utf-8")
-    parser = argparse.ArgumentParser(prog="efficientgpt")
-    survey_cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["survey", "check-links", "--papers", str(papers), "--timeout", str(TIMEOUT),
-                              "--retries", "0", "--no-cache"])
-    assert args.func(args) == 1
+    papers.write_text(f'papers:\n  - {{id: lost-paper, title: "Lost Paper", venue: ICLR, year: 2020, '
+                      f'categories: [pruning], url: "{nobody}"}}\n', encoding="utf-8")
+    assert check_links_cli(papers, "--no-cache") == 1
     human = capsys.readouterr().out
     assert "0 dead, 1 unreachable" in human and "may have no network access" in human
 
