@@ -60,6 +60,18 @@ def test_add_inserts_in_sort_order_and_keeps_everything_else(papers, capsys):
     assert ids.index("gptq") < ids.index("new-quantizer") < ids.index("quip")
 
 
+def test_add_writes_modules_and_refuses_one_that_is_not_in_the_package(papers, capsys):
+    code, out, _ = run(["add", "--file", str(papers), "--id", "new-quantizer", *GPTQ_LIKE,
+                        "--module", "efficientgpt.compress.quant", "--json"], capsys)
+    assert code == 0 and json.loads(out)["added"]["modules"] == ["efficientgpt.compress.quant"]
+    assert "    modules: [efficientgpt.compress.quant]" in papers.read_text(encoding="utf-8").splitlines()
+    before = papers.read_bytes()
+    code, _, err = run(["add", "--file", str(papers), "--id", "other-quantizer", *GPTQ_LIKE,
+                        "--module", "efficientgpt.compress.nothing"], capsys)
+    assert code == 1 and "module 'efficientgpt.compress.nothing' does not exist" in err
+    assert papers.read_bytes() == before
+
+
 def test_add_at_the_end_of_a_category_goes_above_the_next_header(papers, capsys):
     code, _, _ = run(["add", "--file", str(papers), "--id", "zz-last-quantizer", *GPTQ_LIKE[:4], "--year", "2025",
                       "--category", "quantization", "--arxiv", "2501.99999"], capsys)
