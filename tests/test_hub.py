@@ -49,6 +49,22 @@ def test_reachability_probe(dead_hub, monkeypatch):
     assert not hub.unreachable()
 
 
+def test_a_hanging_name_lookup_counts_as_unreachable(monkeypatch):
+    import threading
+
+    release = threading.Event()
+
+    def lookup_that_hangs(*args, **kwargs):
+        release.wait(30)
+        raise OSError("name resolution gave up")
+
+    monkeypatch.setattr(hub.socket, "create_connection", lookup_that_hangs)
+    try:
+        assert hub._connects.__wrapped__("https://hub.invalid", timeout=0.05) is False
+    finally:
+        release.set()
+
+
 def test_uncached_hub_id_fails_at_once_saying_why(dead_hub):
     from efficientgpt.models.loading import load_model
 

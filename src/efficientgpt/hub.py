@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import threading
 from urllib.parse import urlsplit
 
 _TRUE = {"1", "on", "yes", "true"}
@@ -43,11 +44,20 @@ def unreachable() -> bool:
 def _connects(url: str, timeout: float = 3.0) -> bool:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
-            return True
-    except OSError:  # name resolution failed, refused, unreachable or timed out
-        return False
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+                answer.append(True)
+        except OSError:  # name resolution failed, refused, unreachable or timed out
+            answer.append(False)
+
+    # The socket timeout does not bound the name lookup, so a resolver that hangs is cut off here.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(2 * timeout)
+    return bool(answer and answer[0])
 
 
 def unreachable_reason() -> str:
