@@ -51,3 +51,28 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: fl
     if check and proc.returncode != 0:
         raise AssertionError(f"efficientgpt {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def survey_status(argv: list[str]) -> int:
+    """Run ``efficientgpt survey ARGV`` in-process through the survey parser, the way the main CLI does
+    (a ``UserError`` is printed as one line on stderr and gives exit status 1); the exit status."""
+    import argparse
+
+    from efficientgpt.errors import UserError
+    from efficientgpt.survey import cli as survey_cli
+
+    parser = argparse.ArgumentParser(prog="efficientgpt")
+    survey_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["survey", *argv])
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"efficientgpt survey: error: {err}", file=sys.stderr)
+        return 1
+
+
+def run_survey(argv: list[str], capsys) -> tuple[int, str, str]:
+    """:func:`survey_status` with what it printed: (status, stdout, stderr)."""
+    code = survey_status(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import socket
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from efficientgpt.errors import UserError
-from efficientgpt.survey import cli as survey_cli
+from conftest import survey_status
 from efficientgpt.survey import links
 
 SLOW_SECONDS = 1.0
@@ -101,15 +98,8 @@ def test_cache_skips_fresh_results_and_rechecks_dead_ones(server, tmp_path):
 
 def check_links_cli(papers, *argv) -> int:
     """``efficientgpt survey check-links --papers PAPERS ARGV`` through the survey parser; the exit status."""
-    parser = argparse.ArgumentParser(prog="efficientgpt")
-    survey_cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["survey", "check-links", "--papers", str(papers), "--timeout", str(TIMEOUT),
-                              "--retries", "0", *argv])
-    try:
-        return args.func(args)
-    except UserError as err:
-        print(err, file=sys.stderr)
-        return 1
+    return survey_status(["check-links", "--papers", str(papers), "--timeout", str(TIMEOUT), "--retries", "0",
+                          *argv])
 
 
 def test_cli_reports_and_exits_1_on_dead_links(server, tmp_path, capsys, monkeypatch):

@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
-import sys
 import textwrap
 
 import pytest
 
-from efficientgpt.errors import UserError
-from efficientgpt.survey import cli as survey_cli
+from conftest import run_survey as run
 from efficientgpt.survey import schema, store
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run ``efficientgpt survey ARGV`` through the survey parser the way the main CLI does."""
-    parser = argparse.ArgumentParser(prog="efficientgpt")
-    survey_cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["survey", *argv])
-    try:
-        code = args.func(args)
-    except UserError as err:
-        print(f"efficientgpt survey: error: {err}", file=sys.stderr)
-        code = 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
 
 GOOD = """\
 papers:

@@ -76,6 +76,28 @@ from efficientgpt.peft import core
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
+def validate_bottleneck_fields(config) -> None:
+    """The checks every bottleneck-adapter config shares (these adapters and Compacter's PHM adapters):
+    an integer ``bottleneck``, ``dropout`` below 1, and ``layers`` as integers."""
+    name = type(config).__name__
+    bottleneck = config.bottleneck
+    if bottleneck is not None and (not isinstance(bottleneck, int) or isinstance(bottleneck, bool)):
+        raise ConfigError(f"{name}.bottleneck must be an integer >= 1, got {bottleneck!r}")
+    if config.dropout >= 1.0:
+        raise ConfigError(f"{name}.dropout = {config.dropout} must be < 1")
+    if config.layers is not None:
+        config.layers = [int(x) for x in config.layers]
+
+
+def check_bottleneck_fits(config, m: int, d: int, where: str) -> None:
+    """Refuse a bottleneck width ``m`` above the hidden size ``d`` of the module named ``where``."""
+    if m > d:
+        raise ConfigError(
+            f"{type(config).__name__}.bottleneck = {m} is larger than the hidden size {d} of this model "
+            f"({where}): an adapter bottleneck larger than the hidden size is no bottleneck; choose 1..{d}"
+        )
+
+
 @dataclasses.dataclass
 class AdapterConfig(ConfigBase):
     """Bottleneck adapter hyperparameters (Houlsby et al., 2019; Pfeiffer et al., 2021)."""
@@ -93,13 +115,7 @@ class AdapterConfig(ConfigBase):
 
     def validate(self) -> None:
         super().validate()
-        name = type(self).__name__
-        if self.bottleneck is not None and (not isinstance(self.bottleneck, int) or isinstance(self.bottleneck, bool)):
-            raise ConfigError(f"{name}.bottleneck must be an integer >= 1, got {self.bottleneck!r}")
-        if self.dropout >= 1.0:
-            raise ConfigError(f"{name}.dropout = {self.dropout} must be < 1")
-        if self.layers is not None:
-            self.layers = [int(x) for x in self.layers]
+        validate_bottleneck_fields(self)
 
     def bottleneck_for(self, hidden: int) -> int:
         """The bottleneck width ``m`` for a hidden size ``d``."""
@@ -160,14 +176,7 @@ class AdapterDelta(core.Delta):
         self._targets = arch.resolve(self.model, list(self.placement), cfg.layers)
         ref = arch.linear_weight(self._targets[0].module)
         for t in self._targets:
-            d = t.out_features
-            m = cfg.bottleneck_for(d)
-            if m > d:
-                raise ConfigError(
-                    f"{type(cfg).__name__}.bottleneck = {m} is larger than the hidden size {d} of this model "
-                    f"({t.name}): an adapter bottleneck larger than the hidden size is no bottleneck; "
-                    f"choose 1..{d}"
-                )
+            check_bottleneck_fits(cfg, cfg.bottleneck_for(t.out_features), t.out_features, t.name)
         for t in self._targets:
             d = t.out_features
             key = core.target_key(t.name)

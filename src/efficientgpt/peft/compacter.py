@@ -95,6 +95,7 @@ from efficientgpt.errors import ConfigError
 from efficientgpt.models import arch
 from efficientgpt.peft import core
 from efficientgpt.peft.adapter import ACTIVATIONS as _ADAPTER_ACTIVATIONS
+from efficientgpt.peft.adapter import check_bottleneck_fits, validate_bottleneck_fields
 
 ACTIVATIONS = {**_ADAPTER_ACTIVATIONS, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh")}
 RULE_KEY = "phm_rule"
@@ -127,13 +128,7 @@ class CompacterConfig(ConfigBase):
 
     def validate(self) -> None:
         super().validate()
-        name = type(self).__name__
-        if self.bottleneck is not None and (not isinstance(self.bottleneck, int) or isinstance(self.bottleneck, bool)):
-            raise ConfigError(f"{name}.bottleneck must be an integer >= 1, got {self.bottleneck!r}")
-        if self.dropout >= 1.0:
-            raise ConfigError(f"{name}.dropout = {self.dropout} must be < 1")
-        if self.layers is not None:
-            self.layers = [int(x) for x in self.layers]
+        validate_bottleneck_fields(self)
         if self.bottleneck is not None and self.bottleneck % self.phm_dim:
             raise ConfigError(self._indivisible_message(None, self.bottleneck))
 
@@ -274,12 +269,7 @@ class CompacterDelta(core.Delta):
         for t in self._targets:  # every check before anything is built
             d = t.out_features
             m = cfg.bottleneck_for(d)
-            if m > d:
-                raise ConfigError(
-                    f"{type(cfg).__name__}.bottleneck = {m} is larger than the hidden size {d} of this model "
-                    f"({t.name}): an adapter bottleneck larger than the hidden size is no bottleneck; "
-                    f"choose 1..{d}"
-                )
+            check_bottleneck_fits(cfg, m, d, t.name)
             if d % n or m % n:
                 raise ConfigError(cfg._indivisible_message(d, m, f" of {t.name}"))
             if cfg.factorized_phm and cfg.phm_rank > min(d, m) // n:
