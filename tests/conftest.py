@@ -36,6 +36,14 @@ def tiny_embedded_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def ascending_base():
+    """A tiny Llama briefly pretrained on ascending sequences (``tests/adaptation.py``); copy before use."""
+    from adaptation import ascending_model
+
+    return ascending_model()
+
+
+@pytest.fixture(scope="session")
 def tiny_embedded(tiny_embedded_path):
     from efficientgpt.models.loading import load_model
 
