@@ -3,8 +3,8 @@
 ``huggingface_hub`` retries a failed connection five times with exponential back-off, so on a
 machine without network a hub id costs most of a minute of retries before its error. One TCP
 connect to the hub endpoint with a short timeout answers the same question at once. When the hub
-cannot be reached, models load from the local Hugging Face cache only (``local_files_only``), and a
-hub id that is not cached fails at once with an error that says why.
+cannot be reached, a hub id resolves to its snapshot in the local Hugging Face cache
+(:func:`source_for`), and one that is not cached fails at once with an error that says why.
 
 Nothing is probed when the user already chose offline mode (``HF_HUB_OFFLINE``), because the
 libraries then never touch the network; nor behind a proxy, which a direct connect cannot judge.
@@ -64,16 +64,23 @@ def unreachable_reason() -> str:
     return f"the Hugging Face hub ({endpoint()}) cannot be reached from this machine"
 
 
-def cached_snapshot(repo_id: str) -> str | None:
-    """The local directory of ``repo_id``'s cached snapshot (its ``main`` revision), or None.
+class NotCachedError(OSError):
+    """A hub id that is not in the local cache, on a machine that cannot reach the hub."""
 
-    Loading from this directory touches no network at all; passing ``local_files_only`` to
+
+def source_for(repo_id: str) -> str:
+    """What ``from_pretrained`` should load for the hub id ``repo_id``: the id itself, or, where the hub
+    cannot be reached, the local directory of its cached snapshot (its ``main`` revision).
+
+    Loading from that directory touches no network at all; passing ``local_files_only`` to
     ``from_pretrained`` is not enough, because some of transformers' side lookups (the adapter
-    config) still go online.
+    config) still go online. Raises :class:`NotCachedError` when there is neither hub nor snapshot.
     """
+    if not unreachable():
+        return repo_id
     from huggingface_hub import snapshot_download
 
     try:
         return snapshot_download(repo_id, local_files_only=True)
     except Exception:  # noqa: BLE001 - not cached, or a malformed id: either way there is no snapshot
-        return None
+        raise NotCachedError(f"it is not in the local Hugging Face cache and {unreachable_reason()}") from None

@@ -261,11 +261,7 @@ def load_shape(spec: str, trust_remote_code: bool = False) -> ModelShape:
 
         from efficientgpt import hub
 
-        source = path if looks_local else spec
-        if not looks_local and hub.unreachable():
-            source = hub.cached_snapshot(spec)
-            if source is None:
-                raise OSError(f"not in the local Hugging Face cache, and {hub.unreachable_reason()}")
+        source = path if looks_local else hub.source_for(spec)  # NotCachedError is an OSError
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

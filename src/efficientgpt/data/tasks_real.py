@@ -145,15 +145,15 @@ def hub_benchmark(name: str) -> Task:
     """A benchmark from the Hugging Face hub (needs network on first use, then the datasets cache)."""
     bench = BENCHMARKS[name]
     datasets = _datasets()
+    where = f"benchmark {name!r} ({bench.hub}/{bench.config})"
 
     def load(split: str):
         from efficientgpt.data.sources import require_hub
 
-        require_hub(f"benchmark {name!r} ({bench.hub}/{bench.config})")
+        require_hub(where)
         return datasets.load_dataset(bench.hub, bench.config, split=split)
 
-    return _task(bench, name, load,
-                 f"benchmark {name!r} ({bench.hub}/{bench.config})")
+    return _task(bench, name, load, where)
 
 
 def benchmark_for_dir(path: Path) -> Benchmark:

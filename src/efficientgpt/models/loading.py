@@ -81,15 +81,13 @@ def load_model(spec: str, trust_remote_code: bool = False, device: str | torch.d
     path = resolve_model_path(spec, progress=progress)
     where = "local directory" if os.path.isdir(path) else "hub id"
     kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
-    if not os.path.isdir(path) and hub.unreachable():
-        snapshot = hub.cached_snapshot(path)
-        if snapshot is None:
-            raise UserError(
-                f"could not load model {spec!r} (hub id): it is not in the local Hugging Face cache and "
-                f"{hub.unreachable_reason()}. Expected a cached hub id, a directory written by "
-                "save_pretrained with safetensors weights, or embedded[:tiny]"
-            )
-        path = snapshot
+    if not os.path.isdir(path):
+        try:
+            path = hub.source_for(path)
+        except hub.NotCachedError as err:
+            raise UserError(f"could not load model {spec!r} (hub id): {err}. Expected a cached hub id, a "
+                            "directory written by save_pretrained with safetensors weights, or embedded[:tiny]"
+                            ) from None
     if dtype is not None:
         kwargs["dtype"] = dtype
     from efficientgpt.compress.io import load_compressed, read_manifest
