@@ -377,7 +377,8 @@ def _kernel_note(model: nn.Module, layers: list[QuantLinear]) -> str:
     """How the quantized layers run decoding (one token row) with the model's activation dtype."""
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     dtype_name = str(dtype).replace("torch.", "")
-    kinds = {q.kernel(dtype) for q in layers}
+    paths = [q.kernel(dtype) for q in layers]
+    kinds = set(paths)
     notes = []
     if "int8pack" in kinds:
         notes.append(f"int8 weight-only via torch._weight_int8pack_mm ({dtype_name} activations)")
@@ -390,8 +391,7 @@ def _kernel_note(model: nn.Module, layers: list[QuantLinear]) -> str:
             notes.append(f"dequantized on the fly in QuantLinear.forward ({dtype_name} activations: unpack -> "
                          f"q - zero -> F.linear, {how}); torchao is not used")
     if len(kinds) > 1:
-        counts = {k: sum(q.kernel(dtype) == k for q in layers) for k in sorted(kinds)}
-        notes.append("layers per path: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
+        notes.append("layers per path: " + ", ".join(f"{k} {paths.count(k)}" for k in sorted(kinds)))
     return "; ".join(notes)
 
 

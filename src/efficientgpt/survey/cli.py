@@ -304,7 +304,9 @@ def cmd_show(args) -> int:
 
         d["implementation_paths"] = implementation_paths(paper.implementation)
     if paper.modules:
-        d["module_paths"] = [f"src/{m.replace('.', '/')}.py" for m in paper.modules]
+        from efficientgpt.survey.results import module_path
+
+        d["module_paths"] = [module_path(m) for m in paper.modules]
     bib = bibtex.entry(paper, survey.taxonomy)
     lines = []
     for key, value in d.items():

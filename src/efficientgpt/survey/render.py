@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from efficientgpt.survey.results import best_run, format_metrics, implementation_paths, load_runs
+from efficientgpt.survey.results import best_run, format_metrics, implementation_paths, load_runs, module_path
 from efficientgpt.survey.schema import Category, Paper
 from efficientgpt.survey.store import Survey
 
@@ -123,7 +123,7 @@ def render_entry(paper: Paper, runs, out_dir: Path, lookup=None) -> str:
     if paper.unlinked:
         parts.append("*(publication not located; listed as cited)*")
     for name in paper.modules:
-        parts.append(f"[[Impl](src/{name.replace('.', '/')}.py)]")
+        parts.append(f"[[Impl]({module_path(name)})]")
     if paper.implementation:
         for path in implementation_paths(paper.implementation, lookup):
             parts.append(f"[[Impl]({path})]")
