@@ -88,6 +88,22 @@ def environment() -> dict:
             "processor": platform.processor()}
 
 
+def print_head(head: str) -> None:
+    """A table's header line and a rule as long as it."""
+    print(head)
+    print("-" * len(head))
+
+
+def decode_caption(args, *details: str) -> str:
+    """The line above a decode-speed table: the decode settings of ``args``, ``details``, torch and threads."""
+    import torch
+
+    parts = [f"decode at batch 1, greedy, KV cache: {args.new_tokens} new tokens after {args.prompt}",
+             f"median of {args.runs}", *details,
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads"]
+    return "; ".join(parts)
+
+
 def csv(text: str) -> list[str]:
     """``"a, b,"`` -> ``["a", "b"]`` (comma-separated command-line lists)."""
     return [x.strip() for x in text.split(",") if x.strip()]

@@ -39,7 +39,7 @@ import platform
 import statistics
 import time
 
-from _common import write_json
+from _common import print_head, write_json
 
 
 def build(arch: str, small: bool, max_len: int, kv_heads: int | None, dtype, device):
@@ -246,8 +246,7 @@ def main(argv=None) -> int:
           f"{env.get('gpu', env['processor'] or 'cpu')}, torch {torch.__version__}")
     head = f"{'T':>6} " + " ".join(f"{b + ' ' + what:>26}" for b in backends[1:] for what in
                                     ("train x", "train mem", "decode x"))
-    print(head)
-    print("-" * len(head))
+    print_head(head)
     for row in rows:
         cells = []
         for b in backends[1:]:

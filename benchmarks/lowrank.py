@@ -29,7 +29,18 @@ import copy
 import dataclasses
 import time
 
-from _common import build_gpt2, csv, environment, file_bytes, random_prompt, time_decode, tokens_per_s, write_json
+from _common import (
+    build_gpt2,
+    csv,
+    decode_caption,
+    environment,
+    file_bytes,
+    print_head,
+    random_prompt,
+    time_decode,
+    tokens_per_s,
+    write_json,
+)
 
 METHODS = ("svd", "asvd", "svd_llm")
 
@@ -123,8 +134,7 @@ def main(argv=None) -> int:
         print(f"\nperplexity on {args.data} (validation, {args.eval_tokens or 'all'} tokens) of {args.model}; "
               f"dense {q['dense_ppl']:.3f}; ratio = kept fraction of the decoder's linear weights")
         head = f"{'ratio':>6} " + " ".join(f"{m + '/' + a:>16}" for m, a in cols)
-        print(head)
-        print("-" * len(head))
+        print_head(head)
         for ratio in args.ratios:
             cells = []
             for m, a in cols:
@@ -133,11 +143,9 @@ def main(argv=None) -> int:
             print(f"{ratio:>6g} " + " ".join(cells))
     if not args.no_speed:
         s = result["speed"] = speed(args)
-        print(f"\ndecode at batch 1, greedy, KV cache: {args.new_tokens} new tokens after {args.prompt}; median of "
-              f"{args.runs}; {s['model']}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print("\n" + decode_caption(args, s["model"]))
         head = f"{'variant':10} {'params':>12} {'file MB':>8} {'tok/s':>8}"
-        print(head)
-        print("-" * len(head))
+        print_head(head)
         for v, r in s["variants"].items():
             print(f"{v:10} {r['parameters']:>12,} {r['file_bytes'] / 2**20:>8.1f} {r['tokens_per_s']:>8.1f}")
         print(f"speed ratio {s['speed_ratio']:.3f} vs parameter ratio {s['param_ratio']:.3f} (whole model), "

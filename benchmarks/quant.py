@@ -39,7 +39,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import build_gpt2, csv, environment, file_bytes, random_prompt, time_decode, tokens_per_s, write_json
+from _common import (
+    build_gpt2,
+    csv,
+    decode_caption,
+    environment,
+    file_bytes,
+    print_head,
+    random_prompt,
+    time_decode,
+    tokens_per_s,
+    write_json,
+)
 
 METHODS = ("rtn", "gptq")
 GRIDS = {"method": None, "symmetric": True, "asymmetric": False}
@@ -156,8 +167,7 @@ def main(argv=None) -> int:
               f"GPTQ calibrated on {args.calib_samples} windows; group 0 = one scale per output channel")
         head = f"{'method':6} {'bits':>4} {'group':>5} {'grid':5} {'bits/w':>7} {'file bytes':>12} {'file x':>7} " \
                f"{'ppl':>9}"
-        print(head)
-        print("-" * len(head))
+        print_head(head)
         print(f"{'dense':6} {q['dense_bits']:>4} {'-':>5} {'-':5} {q['dense_bits']:>7.3f} "
               f"{q['dense_file_bytes']:>12,} {1:>7.3f} "
               f"{q['dense_ppl']:>9.3f}")
@@ -169,11 +179,9 @@ def main(argv=None) -> int:
             print(f"inference: {note}")
     if not args.no_speed:
         s = result["speed"] = speed(args)
-        print(f"\ndecode at batch 1, greedy, KV cache: {args.new_tokens} new tokens after {args.prompt}; median of "
-              f"{args.runs}; {s['model']}, {s['dtype']}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print("\n" + decode_caption(args, f"{s['model']}, {s['dtype']}"))
         head = f"{'variant':8} {'bits/w':>7} {'file MB':>8} {'file x':>7} {'tok/s':>8} {'speed x':>7}"
-        print(head)
-        print("-" * len(head))
+        print_head(head)
         for v, r in s["variants"].items():
             bpw = r.get("bits_per_weight", 16.0 if s["dtype"] == "bfloat16" else 32.0)
             print(f"{v:8} {bpw:>7.3f} {r['file_bytes'] / 2**20:>8.1f} {r['file_ratio']:>7.3f} "

@@ -26,7 +26,17 @@ from __future__ import annotations
 import argparse
 import copy
 
-from _common import build_gpt2, environment, file_bytes, random_prompt, time_decode, tokens_per_s, write_json
+from _common import (
+    build_gpt2,
+    decode_caption,
+    environment,
+    file_bytes,
+    print_head,
+    random_prompt,
+    time_decode,
+    tokens_per_s,
+    write_json,
+)
 
 
 def build(name: str, small: bool):
@@ -100,12 +110,10 @@ def main(argv=None) -> int:
             rows.append(row)
         del variants, dense
 
-    print(f"decode at batch 1, greedy, KV cache: {args.new_tokens} new tokens after {args.prompt}; median of "
-          f"{args.runs}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(decode_caption(args))
     head = f"{'model':6} {'variant':16} {'heads':>5} {'params':>12} {'p.ratio':>7} {'blk.ratio':>9} " \
            f"{'file MB':>8} {'tok/s':>8} {'speed x':>7}"
-    print(head)
-    print("-" * len(head))
+    print_head(head)
     for r in rows:
         print(f"{r['model']:6} {r['variant']:16} {r['heads']:>5} {r['parameters']:>12,} {r['param_ratio']:>7.3f} "
               f"{r['block_param_ratio']:>9.3f} {r['file_bytes'] / 2**20:>8.1f} {r['tokens_per_s']:>8.1f} "
